@@ -1,0 +1,133 @@
+"""MC-dropout inference with a last-layer-dropout network (paper 000, sections 3.1-3.2).
+
+Encoder and decoder run once per image; only ``Dropout2d -> 1x1 conv`` is sampled.
+Channel-wise dropout of the features equals dropping columns of the classifier weight
+``W [C, D]``, so a chunk of k samples is one matrix product with k masked copies of W:
+
+    logits[k, C, n] = (W * mask[k, None, :] / keep) @ features[D, n] + b
+
+Softmax and the per-pixel moments are taken at the decoder's resolution (1/4 of the image
+for DeepLabV3+) and accumulated in float64 chunk by chunk, so memory stays
+O(chunk * C * h * w) instead of O(m * C * H * W). The three moments are then bilinearly
+interpolated to the image resolution once: interpolating the moments (not the samples)
+is our definition of the image-resolution uncertainty. It leaves the mean exact and makes
+the variance at in-between pixels the interpolated variance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .moments import MCMoments, MomentAccumulator
+from .network import BayesianSegmenter
+
+DEFAULT_NUM_SAMPLES = 20
+DEFAULT_CHUNK_SIZE = 10
+
+
+def _dropout_masks(model: BayesianSegmenter, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Scaled channel-dropout masks ``[m, D]``, drawn all at once so chunking never changes them."""
+    rate = model.dropout.p
+    keep = 1.0 - rate
+    if rate == 0.0:
+        return torch.ones(num_samples, model.feature_channels)
+    kept = torch.rand(num_samples, model.feature_channels, generator=generator) < keep
+    return kept.to(torch.float32) / keep
+
+
+def _sample_chunks(
+    model: BayesianSegmenter,
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    chunk_size: int,
+):
+    """Yield softmax samples ``[k, B, C, h, w]`` for consecutive chunks of the masks."""
+    batch, channels, height, width = features.shape
+    weight = model.classifier.weight.reshape(model.num_classes, channels)  # [C, D]
+    bias = model.classifier.bias  # [C]
+    flat = features.reshape(batch, channels, height * width)  # [B, D, n]
+    masks = masks.to(device=features.device, dtype=features.dtype)
+    for start in range(0, masks.shape[0], chunk_size):
+        chunk = masks[start : start + chunk_size]  # [k, D]
+        weights = weight.unsqueeze(0) * chunk.unsqueeze(1)  # [k, C, D]
+        logits = torch.einsum("kcd,bdn->kbcn", weights, flat) + bias.view(1, 1, -1, 1)  # [k, B, C, n]
+        yield logits.softmax(dim=2).reshape(chunk.shape[0], batch, -1, height, width)
+
+
+def _check(model: BayesianSegmenter, images: torch.Tensor, num_samples: int) -> torch.Tensor:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"Expected an image [3, H, W] or a batch [B, 3, H, W], got {tuple(images.shape)}.")
+    return images
+
+
+@torch.no_grad()
+def mc_moments(
+    model: BayesianSegmenter,
+    images: torch.Tensor,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    generator: torch.Generator | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    image_resolution: bool = True,
+) -> list[MCMoments]:
+    """Per-pixel MC moments for each image of ``[B, 3, H, W]`` (or one ``[3, H, W]``).
+
+    Returns one ``MCMoments`` per image: ``[C, H, W]`` at the image resolution, or at the
+    decoder's resolution (padded grid) with ``image_resolution=False``.
+    """
+    images = _check(model, images, num_samples)
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.features(images)  # [B, D, h, w]
+        masks = _dropout_masks(model, num_samples, generator)  # [m, D]
+        accumulators = [MomentAccumulator() for _ in range(images.shape[0])]
+        for probs in _sample_chunks(model, features, masks, chunk_size):  # [k, B, C, h, w]
+            for index, accumulator in enumerate(accumulators):
+                accumulator.update(probs[:, index])
+        moments = [accumulator.result() for accumulator in accumulators]
+    finally:
+        model.train(was_training)
+    if not image_resolution:
+        return moments
+    size = tuple(images.shape[-2:])
+    return [m.map_spatial(lambda maps: model.upsample(maps.unsqueeze(0), size).squeeze(0)) for m in moments]
+
+
+@torch.no_grad()
+def mc_samples(
+    model: BayesianSegmenter,
+    image: torch.Tensor,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Stored MC softmax samples ``[m, C, h, w]`` of one image at the decoder resolution.
+
+    Same masks as ``mc_moments`` for the same generator state: for tests, figures and the
+    stored-samples path of ``model.acquisition.score``.
+    """
+    images = _check(model, image, num_samples)[:1]
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.features(images)
+        masks = _dropout_masks(model, num_samples, generator)
+        return torch.cat([probs[:, 0] for probs in _sample_chunks(model, features, masks, DEFAULT_CHUNK_SIZE)])
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def predict_probabilities(model: BayesianSegmenter, images: torch.Tensor) -> torch.Tensor:
+    """Deterministic (dropout off) softmax ``[B, C, H, W]`` at the image resolution."""
+    images = _check(model, images, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        return F.softmax(model(images), dim=1)
+    finally:
+        model.train(was_training)

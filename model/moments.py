@@ -1,0 +1,104 @@
+"""Per-pixel moments of MC-dropout softmax samples, accumulated while streaming.
+
+Every acquisition function in ``model.acquisition`` needs only these three per-pixel
+statistics of the m samples, so inference never has to hold ``[m, C, H, W]``:
+
+- ``mean``: E_s[p_c]            ``[C, *spatial]`` float64
+- ``second``: E_s[p_c^2]        ``[C, *spatial]`` float64 (gives the variance)
+- ``mean_entropy``: E_s[H(p_s)] ``[*spatial]`` float64 (the aleatoric term of BALD)
+
+All three are linear in the samples, so they can be summed chunk by chunk and, being
+linear, interpolated to another resolution consistently (``MCMoments.map_spatial``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# float32 softmax can give exact zeros; 0 * log 0 is taken as 0.
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
+    """Shannon entropy in nats along `dim`, with 0 log 0 = 0."""
+    return -(probs * torch.log(probs.clamp_min(_TINY))).sum(dim)
+
+
+@dataclass
+class MCMoments:
+    mean: torch.Tensor  # [C, *spatial] float64
+    second: torch.Tensor  # [C, *spatial] float64
+    mean_entropy: torch.Tensor  # [*spatial] float64
+    num_samples: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.mean.shape[1:])
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased per-class variance ``[C, *spatial]`` (0 when m == 1); never negative."""
+        m = self.num_samples
+        if m < 2:
+            return torch.zeros_like(self.mean)
+        return ((self.second - self.mean.square()) * (m / (m - 1))).clamp_min(0.0)
+
+    def map_spatial(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> MCMoments:
+        """Apply a linear spatial map (interpolation, crop) to all three moments.
+
+        `fn` takes and returns ``[K, *spatial]`` tensors.
+        """
+        return MCMoments(
+            mean=fn(self.mean),
+            second=fn(self.second),
+            mean_entropy=fn(self.mean_entropy.unsqueeze(0)).squeeze(0),
+            num_samples=self.num_samples,
+        )
+
+
+class MomentAccumulator:
+    """Sums per-pixel moments over chunks of MC samples in float64."""
+
+    def __init__(self) -> None:
+        self._sum_p: torch.Tensor | None = None  # [C, *spatial]
+        self._sum_p2: torch.Tensor | None = None  # [C, *spatial]
+        self._sum_entropy: torch.Tensor | None = None  # [*spatial]
+        self.num_samples = 0
+
+    def update(self, probs: torch.Tensor) -> None:
+        """Add a chunk of softmax samples ``[k, C, *spatial]`` (k = samples in the chunk)."""
+        if probs.ndim < 2:
+            raise ValueError(f"Expected samples [k, C, ...], got shape {tuple(probs.shape)}.")
+        probs = probs.to(torch.float64)
+        sum_p = probs.sum(0)
+        sum_p2 = probs.square().sum(0)
+        sum_entropy = entropy(probs, dim=1).sum(0)
+        if self._sum_p is None:
+            self._sum_p, self._sum_p2, self._sum_entropy = sum_p, sum_p2, sum_entropy
+        else:
+            if sum_p.shape != self._sum_p.shape:
+                raise ValueError(f"Chunk shape {tuple(sum_p.shape)} differs from {tuple(self._sum_p.shape)}.")
+            self._sum_p += sum_p
+            self._sum_p2 += sum_p2
+            self._sum_entropy += sum_entropy
+        self.num_samples += probs.shape[0]
+
+    def result(self) -> MCMoments:
+        if self._sum_p is None:
+            raise ValueError("No samples were accumulated.")
+        m = self.num_samples
+        return MCMoments(self._sum_p / m, self._sum_p2 / m, self._sum_entropy / m, m)
+
+
+def moments_from_samples(probs: torch.Tensor) -> MCMoments:
+    """Moments of stored samples ``[m, C, *spatial]`` (one chunk of the streaming path)."""
+    accumulator = MomentAccumulator()
+    accumulator.update(probs)
+    return accumulator.result()
