@@ -164,6 +164,11 @@ class Random(Acquisition):
         return _uniform(moments.spatial_shape, context.generator).to(moments.mean.device)
 
 
+def _finite_or_lowest(scores: torch.Tensor) -> torch.Tensor:
+    scores = scores.to(torch.float64)
+    return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, LOWEST_SCORE))
+
+
 def score_moments(
     name: str,
     moments: MCMoments,
@@ -174,8 +179,7 @@ def score_moments(
 ) -> torch.Tensor:
     """Scores ``[*spatial]`` float64 from streamed moments; higher = ask first."""
     acquisition = get_acquisition(name)
-    scores = acquisition(moments, AcquisitionContext(budget, candidates, generator)).to(torch.float64)
-    return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, LOWEST_SCORE))
+    return _finite_or_lowest(acquisition(moments, AcquisitionContext(budget, candidates, generator)))
 
 
 def score(
@@ -198,7 +202,8 @@ def select_pixels(scores: torch.Tensor, n: int, exclude: torch.Tensor | None = N
     """The n highest-scoring pixels ``[k, 2]`` as (row, col), best first, k = min(n, eligible).
 
     ``exclude`` ``[H, W]`` bool marks pixels never to pick (already labeled, ignore mask).
-    Ties go to the lower flat index, so the choice is deterministic.
+    Non-finite scores (NaN, +-inf) rank after every finite one. Ties go to the lower flat
+    index, so the choice is deterministic.
     """
     if scores.ndim != 2:
         raise ValueError(f"Expected scores [H, W], got shape {tuple(scores.shape)}.")
@@ -210,7 +215,7 @@ def select_pixels(scores: torch.Tensor, n: int, exclude: torch.Tensor | None = N
         if exclude.shape != scores.shape:
             raise ValueError(f"exclude has shape {tuple(exclude.shape)}, scores {tuple(scores.shape)}.")
         eligible = eligible[~exclude.reshape(-1)]
-    values = flat[eligible]
+    values = _finite_or_lowest(flat[eligible])
     order = torch.sort(values, descending=True, stable=True).indices[:n]
     chosen = eligible[order]
     width = scores.shape[1]

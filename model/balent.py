@@ -11,16 +11,24 @@ P_i+ ~ Beta(alpha + 1, beta), whose differential entropy is closed form:
     BalEntAcq = 1 / BalEnt if BalEnt >= 0 else BalEnt
 
 Computed with torch's lgamma/digamma this costs about 11x a plain entropy (six special
-functions per class and pixel, each a pass over memory). Here lnGamma and psi share one
-logarithm per argument: arguments below 6 are shifted up by the recurrences
-(lnGamma(x) = lnGamma(x+k) - ln prod, psi(x) = psi(x+k) - sum 1/(x+j), the sum kept as
-prod'/prod so it costs one division), then the Stirling / de Moivre asymptotic series
-(truncation error below 1e-11 for x >= 6) finish the job; one numba loop does it all.
+functions per class and pixel, each a pass over memory), and ln B(a, b) cancels
+catastrophically when a or b is large (confident pixels: alpha, beta ~ 1e8 and more).
+Both are fixed by rewriting with g(x) = ln Gamma(x) - (x - 1) psi(x) + x:
+
+    h(a, b) = g(a) + g(b) - g(a + b) - psi(a + b)
+
+(the +x terms cancel exactly). g(x) = ln(x)/2 + ln(2 pi)/2 + 1/2 - 1/(3x) - ... grows
+like a logarithm, so nothing large is subtracted. Arguments below 6 are shifted up by
+the recurrences (ln Gamma(x) = ln Gamma(x+k) - ln prod, psi(x) = psi(x+k) - sum 1/(x+j),
+the sum kept as prod'/prod so it costs one division); then the asymptotic series, whose
+truncation error is below 1e-11 for x >= 6, share one logarithm per argument. One numba
+loop per pixel does it all.
 
 Numerical edge cases, chosen on purpose:
-- mean clamped to [MEAN_EPS, 1 - MEAN_EPS]: float32 softmax gives exact 0 and 1.
-- variance clamped to [VAR_FLOOR, mean (1 - mean) (1 - 1e-6)]: zero variance (all samples
-  equal) would make alpha, beta infinite; the unbiased variance of samples that are all
+- mean clamped to [MEAN_MIN, MEAN_MAX] = [1e-30, 1 - 1e-15]: float32 softmax gives exact
+  0 and 1, and 1 - 1e-30 would round back to 1 in float64.
+- variance clamped to mean (1 - mean) [1e-15, 1 - 1e-6] (so alpha + beta <= 1e15): zero
+  variance (all samples equal) would make alpha, beta infinite; the unbiased variance of samples that are all
   0 or 1 can exceed mean (1 - mean), which no Beta has. Both limits give a very negative
   posterior entropy, so such pixels land at the bottom of the ranking, as confident
   pixels should.
@@ -38,46 +46,56 @@ import numba
 import numpy as np
 import torch
 
-MEAN_EPS = 1e-7
-VAR_FLOOR = 1e-14
+MEAN_MIN = 1e-30
+MEAN_MAX = 1.0 - 1e-15
+VAR_FLOOR_FACTOR = 1e-15
 VAR_CEILING_FACTOR = 1.0 - 1e-6
 BALENT_FLOOR = 1e-12
 LOWEST_SCORE = float(np.finfo(np.float64).min)
 _LOG2 = math.log(2.0)
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_G_CONSTANT = 0.5 * (math.log(2.0 * math.pi) + 1.0)
 _SHIFT_TO = 6.0
 
 
 @numba.njit(cache=True, inline="always")
-def _lgamma_digamma(x: float) -> tuple[float, float]:
-    """(ln Gamma(x), psi(x)) for x > 0 with one log for both (two when x < 6)."""
+def _g_digamma(x: float) -> tuple[float, float]:
+    """(g(x), psi(x)) for x > 0, g(x) = ln Gamma(x) - (x - 1) psi(x) + x."""
+    shift = 0.0
     prod = 1.0  # prod_j (x + j) over the shift
-    dprod = 0.0  # its derivative: sum_j 1/(x+j) = dprod / prod
+    dprod = 0.0  # its derivative, so that sum_j 1/(x + j) = dprod / prod
+    x0 = x
     while x < _SHIFT_TO:
         dprod = dprod * x + prod
         prod *= x
         x += 1.0
+        shift += 1.0
     log_x = math.log(x)
     inv = 1.0 / x
     inv2 = inv * inv
-    lgamma = (x - 0.5) * log_x - x + _HALF_LOG_2PI + inv * (
-        1.0 / 12.0 - inv2 * (1.0 / 360.0 - inv2 * (1.0 / 1260.0 - inv2 * (1.0 / 1680.0 - inv2 / 1188.0)))
-    )
+    # Bernoulli series: psi = ln x - 1/(2x) - sum B_2k / (2k x^2k)
     digamma = log_x - 0.5 * inv - inv2 * (
         1.0 / 12.0 - inv2 * (1.0 / 120.0 - inv2 * (1.0 / 252.0 - inv2 * (1.0 / 240.0 - inv2 / 132.0)))
     )
-    if prod != 1.0:
-        lgamma -= math.log(prod)
-        digamma -= dprod / prod
-    return lgamma, digamma
+    # g = ln(x)/2 + (ln(2 pi) + 1)/2 - 1/(2x) + sum B_2k [x^-(2k-1) / (2k-1) - x^-2k / (2k)]
+    g = 0.5 * log_x + _G_CONSTANT - inv * (
+        1.0 / 3.0
+        + inv * (1.0 / 12.0 + inv * (1.0 / 90.0 - inv * (1.0 / 120.0 + inv * (1.0 / 210.0 - inv * (
+            1.0 / 252.0 + inv * (1.0 / 210.0 - inv * (1.0 / 240.0 + inv * (5.0 / 594.0 - inv / 132.0))))))))
+    )
+    if shift > 0.0:
+        harmonic = dprod / prod  # sum_j 1/(x0 + j)
+        # g(x0) = g(x) - k + k psi(x) - ln prod + (x0 - 1) sum_j 1/(x0 + j), x = x0 + k
+        g += shift * (digamma - 1.0) - math.log(prod) + (x0 - 1.0) * harmonic
+        digamma -= harmonic
+    return g, digamma
 
 
 @numba.njit(cache=True, inline="always")
 def _beta_entropy(a: float, b: float) -> float:
-    lg_a, psi_a = _lgamma_digamma(a)
-    lg_b, psi_b = _lgamma_digamma(b)
-    lg_ab, psi_ab = _lgamma_digamma(a + b)
-    return lg_a + lg_b - lg_ab - (a - 1.0) * psi_a - (b - 1.0) * psi_b + (a + b - 2.0) * psi_ab
+    g_a, _ = _g_digamma(a)
+    g_b, _ = _g_digamma(b)
+    g_ab, psi_ab = _g_digamma(a + b)
+    return g_a + g_b - g_ab - psi_ab
 
 
 @numba.njit(cache=True, parallel=True)
@@ -95,10 +113,10 @@ def _balent_kernel(mean, second, num_samples, acquisition, out):  # pragma: no c
             if not (math.isfinite(m) and math.isfinite(s)):
                 finite = False
                 break
-            mu = min(max(m, MEAN_EPS), 1.0 - MEAN_EPS)
+            mu = min(max(m, MEAN_MIN), MEAN_MAX)
             shannon -= mu * math.log(mu)
             bound = mu * (1.0 - mu)
-            var = min(max((s - m * m) * unbias, VAR_FLOOR), bound * VAR_CEILING_FACTOR)
+            var = min(max((s - m * m) * unbias, bound * VAR_FLOOR_FACTOR), bound * VAR_CEILING_FACTOR)
             common = bound / var - 1.0
             posterior += mu * _beta_entropy(mu * common + 1.0, (1.0 - mu) * common)
         if not finite:

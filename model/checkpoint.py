@@ -1,0 +1,162 @@
+"""Saving and loading trained models with the metadata needed to use them.
+
+A checkpoint is one ``torch.save`` file holding a plain dict: the state dict, the
+``ModelConfig`` as a dict, the class names, a model version (an int the caller counts up,
+e.g. one per training round) and free-form JSON-like ``extra``. Everything but the tensors
+is JSON-compatible, so ``torch.load(weights_only=True)`` reads it: loading never unpickles
+arbitrary objects.
+
+Saving is atomic: the file is written to a temporary name in the target directory, flushed
+and fsynced, then moved over the target with ``os.replace``. A crash or error mid-save
+leaves the previous checkpoint as it was; a reader never sees a half-written file.
+
+Loading rebuilds the network from the stored config with ``encoder_weights=None``: the
+weights come from the checkpoint, so the packaged or hub encoder weights need not be read
+(or downloaded) again. The returned model's ``config`` is the stored one, unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .network import BayesianSegmenter, ModelConfig, build_model
+
+CHECKPOINT_FORMAT = "bayesian-segmenter-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def _check_json(name: str, value: Any) -> None:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be JSON-compatible (dict/list/str/int/float/bool/None): {error}") from error
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: BayesianSegmenter,
+    *,
+    class_names: list[str] | tuple[str, ...],
+    version: int,
+    extra: dict | None = None,
+) -> Path:
+    """Atomically write `model` and its metadata to `path` (parent folders are created)."""
+    path = Path(path)
+    class_names = [str(name) for name in class_names]
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"Got {len(class_names)} class names for a model with {model.num_classes} classes.")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be an int >= 0, got {version!r}.")
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra must be a dict, got {type(extra).__name__}.")
+    _check_json("extra", extra)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": version,
+        "class_names": class_names,
+        "model_config": model.config.to_dict(),
+        "extra": extra,
+        "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); not possible, nor needed, on Windows."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read(path: Path, map_location: str | torch.device) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}.")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated, corrupt, or not a torch file): "
+            f"{type(error).__name__}: {_short(error)}"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is a torch file but not a checkpoint written by save_checkpoint.")
+    format_version = payload.get("format_version")
+    if not isinstance(format_version, int) or format_version > CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format version {format_version!r}; this code reads up to "
+            f"{CHECKPOINT_FORMAT_VERSION}. Update the project to load it."
+        )
+    missing = [key for key in ("state_dict", "model_config", "class_names", "version") if key not in payload]
+    if missing:
+        raise ValueError(f"{path} is missing checkpoint fields {missing}.")
+    return payload
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[BayesianSegmenter, dict]:
+    """Model (eval mode, on `map_location`) and metadata from a `save_checkpoint` file.
+
+    Metadata keys: ``class_names``, ``version``, ``created``, ``extra``, ``model_config``,
+    ``format_version``.
+    """
+    path = Path(path)
+    payload = _read(path, map_location)
+    try:
+        config = ModelConfig.from_dict(payload["model_config"])
+        model = build_model(dataclasses.replace(config, encoder_weights=None))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path} holds a model config this code cannot build: {error}") from error
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{path}: the stored weights do not fit the stored model config ({config.arch}, "
+            f"{config.encoder}, {config.num_classes} classes): {_short(error)}"
+        ) from error
+    model.config = config
+    model.to(map_location).eval()
+    metadata = {
+        "class_names": list(payload["class_names"]),
+        "version": payload["version"],
+        "created": payload.get("created"),
+        "extra": payload.get("extra", {}),
+        "model_config": config.to_dict(),
+        "format_version": payload["format_version"],
+    }
+    return model, metadata

@@ -1,0 +1,217 @@
+"""Training on sparse pixel labels (paper 000, eq. 5; section 4.2).
+
+The loss is cross-entropy over the labeled pixels only, averaged over the labeled pixels of
+the batch: every pixel that is ``IGNORE_INDEX`` (unlabeled, void, padding) contributes
+nothing. The samples are few and small enough to hold in memory, so the input is a plain
+list of ``(image [3, H, W], labels [H, W])``.
+
+Schedule: AdamW with poly learning-rate decay ``lr * (1 - t / T) ** 0.9`` (DeepLab; PixelPick,
+ref. [72] of paper 000, whose schedule the paper follows, uses Adam at 5e-4 with poly decay).
+The pretrained encoder gets a tenth of the learning rate: with a handful of clicks per image
+the decoder and classifier must move, the ImageNet features mostly should not.
+
+Two traps handled here: DeepLabV3+ cannot run a train-mode batch of one (BatchNorm after
+ASPP's global pooling sees a single value per channel), so batches are always >= 2 and drawn
+with replacement when there are fewer images; and a random crop can miss every labeled pixel
+of a sparse image, so such a crop is redrawn (a batch without any labeled pixel would give a
+NaN loss, 0 / 0).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .augment import SparseAugment
+from .data import IGNORE_INDEX
+from .network import BayesianSegmenter
+
+OPTIMIZERS = ("adamw", "sgd")
+_CROP_TRIES = 10  # redraws of a crop that missed every labeled pixel, per sample
+
+Progress = Callable[[int, int, float], None]  # (step, total steps, loss) after each step
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run.
+
+    ``steps`` wins over ``epochs`` when given; an epoch is ``ceil(images / batch_size)``
+    steps over the images that have at least one label.
+    """
+
+    epochs: int = 100  # paper 000, section 4.2
+    steps: int | None = None
+    batch_size: int = 4
+    optimizer: str = "adamw"
+    lr: float = 5e-4
+    encoder_lr_scale: float = 0.1  # encoder lr = lr * this
+    weight_decay: float = 2e-4
+    momentum: float = 0.9  # SGD only
+    poly_power: float = 0.9
+    crop_size: tuple[int, int] = (360, 480)  # a whole CamVid frame
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(
+                f"batch_size must be >= 2, got {self.batch_size}: BatchNorm in DeepLabV3+'s ASPP "
+                "pooling fails on a train-mode batch of one (fewer images are drawn with replacement)."
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 or None, got {self.steps}.")
+        if self.steps is None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 (or give steps), got {self.epochs}.")
+        if self.lr <= 0 or self.weight_decay < 0 or self.encoder_lr_scale < 0:
+            raise ValueError("lr must be > 0; weight_decay and encoder_lr_scale must be >= 0.")
+        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+            raise ValueError(f"crop_size must be (H, W) with both >= 1, got {self.crop_size}.")
+
+    def total_steps(self, num_images: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * math.ceil(num_images / self.batch_size)
+
+    def augmentation(self) -> SparseAugment:
+        """The augmentation for this run; with ``augment=False`` only crop/pad (batches must stack)."""
+        if self.augment:
+            return SparseAugment(crop_size=tuple(self.crop_size))
+        return SparseAugment(crop_size=tuple(self.crop_size), scale_range=(1.0, 1.0), flip=False, jitter=0.0, blur_prob=0.0)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    steps: int = 0  # optimizer steps taken
+    skipped_steps: int = 0  # steps whose whole batch held no labeled pixel after cropping
+    num_images: int = 0  # images with at least one label (the ones trained on)
+    num_labeled_pixels: int = 0
+    seconds: float = 0.0
+
+
+def _labeled_samples(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]], num_classes: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Validate and keep the samples that have at least one labeled pixel."""
+    kept = []
+    for index, (image, labels) in enumerate(samples):
+        if image.ndim != 3 or image.shape[0] != 3 or labels.shape != image.shape[-2:]:
+            raise ValueError(
+                f"Sample {index}: expected image [3, H, W] and labels [H, W], got "
+                f"{tuple(image.shape)} and {tuple(labels.shape)}."
+            )
+        labels = labels.to(torch.int64)
+        labeled = labels != IGNORE_INDEX
+        bad = labeled & ((labels < 0) | (labels >= num_classes))
+        if bad.any():
+            raise ValueError(
+                f"Sample {index}: label {int(labels[bad][0])} is outside 0..{num_classes - 1}. Map void "
+                f"and unlabeled pixels to IGNORE_INDEX ({IGNORE_INDEX}), e.g. SegmentationFolder(void_index=...)."
+            )
+        if labeled.any():
+            kept.append((image.to(torch.float32), labels))
+    if not kept:
+        raise ValueError(
+            f"None of the {len(samples)} samples has a labeled pixel (every label is IGNORE_INDEX = "
+            f"{IGNORE_INDEX}); annotate some pixels before training."
+        )
+    return kept
+
+
+def _index_stream(count: int, generator: torch.Generator) -> Iterator[int]:
+    """Endless concatenated random permutations: every image once per pass, then reshuffle."""
+    while True:
+        yield from torch.randperm(count, generator=generator).tolist()
+
+
+def _augmented(
+    augment: SparseAugment, image: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    for _ in range(_CROP_TRIES):
+        crop_image, crop_labels = augment(image, labels, generator)
+        if (crop_labels != IGNORE_INDEX).any():
+            break
+    return crop_image, crop_labels
+
+
+def _optimizer(model: BayesianSegmenter, config: TrainConfig) -> torch.optim.Optimizer:
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    encoder_ids = {id(p) for p in encoder}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    groups = [
+        {"params": head, "lr": config.lr},
+        {"params": encoder, "lr": config.lr * config.encoder_lr_scale},
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def sparse_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: mean cross-entropy over labeled pixels. ``logits [B, C, H, W]``, ``labels [B, H, W]``."""
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+def train(
+    model: BayesianSegmenter,
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    config: TrainConfig | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Fine-tune `model` in place on sparse labels; returns the per-step loss history.
+
+    Runs on the model's device. Reproducible for a given ``config.seed`` on CPU: sampling and
+    augmentation use their own generator, and dropout runs under a forked global RNG seeded
+    from it, so the caller's global RNG state is left untouched. The model's train/eval mode
+    is restored afterwards.
+    """
+    config = config or TrainConfig()
+    start = time.perf_counter()
+    data = _labeled_samples(samples, model.num_classes)
+    total = config.total_steps(len(data))
+    augment = config.augmentation()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed)
+    indices = _index_stream(len(data), generator)
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / total) ** config.poly_power
+    )
+    result = TrainResult(
+        num_images=len(data), num_labeled_pixels=sum(int((lab != IGNORE_INDEX).sum()) for _, lab in data)
+    )
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(config.seed)
+            for step in range(1, total + 1):
+                batch = [_augmented(augment, *data[next(indices)], generator) for _ in range(config.batch_size)]
+                labels = torch.stack([lab for _, lab in batch]).to(device)  # [B, h, w]
+                if not (labels != IGNORE_INDEX).any():
+                    result.skipped_steps += 1
+                    scheduler.step()
+                    continue
+                images = torch.stack([img for img, _ in batch]).to(device)  # [B, 3, h, w]
+                loss = sparse_cross_entropy(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                result.losses.append(float(loss.detach()))
+                result.steps += 1
+                if progress is not None:
+                    progress(step, total, result.losses[-1])
+    finally:
+        model.train(was_training)
+    result.seconds = time.perf_counter() - start
+    return result

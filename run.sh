@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point for people, CI and the Dockerfile:
+#   ./run.sh start   set up .venv, then start the main job
+#   ./run.sh test    set up .venv with the test extra, then run the test suite
+#   ./run.sh setup   set up only (SEGAL_EXTRAS=test to add the test tools)
+#   ./run.sh bench   set up, then print the inference / acquisition benchmark
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+PYTHON=${PYTHON:-python3}
+
+setup() {
+    local extras=${1:-}
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+        { echo "Python >= 3.10 is required (found $("$PYTHON" --version 2>&1)); set PYTHON=..." >&2; exit 1; }
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    # Reinstall only when the dependency files changed since the last successful setup.
+    local stamp="$VENV/.segal-installed" deps have_deps have_extras
+    deps="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp" ]; then
+        read -r have_deps have_extras <"$stamp" || true
+        if [ "$have_deps" = "$deps" ] && { [ -z "$extras" ] || [ "${have_extras:-}" = "$extras" ]; }; then return; fi
+    fi
+    local target="."
+    [ -z "$extras" ] || target=".[$extras]"
+    "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e "$target"
+    echo "$deps $extras" >"$stamp"
+}
+
+command=${1:-start}
+shift || true
+case "$command" in
+    setup) setup "${SEGAL_EXTRAS:-}" ;;
+    start) setup ""; exec "$VENV/bin/segal-demo" "$@" ;;
+    test) setup test; exec "$VENV/bin/python" -m pytest "$@" ;;
+    bench) setup ""; exec "$VENV/bin/segal-benchmark" "$@" ;;
+    *) echo "usage: ./run.sh [start|test|setup|bench] [args...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,90 @@
+"""MC-dropout inference on a real network forward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import acquisition
+from model.acquisition import score, score_moments
+from model.mc_dropout import mc_moments, mc_samples, predict_probabilities
+from model.moments import moments_from_samples
+from model.network import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(num_classes=5, encoder_weights=None, dropout=0.3))
+    # random init gives near-uniform logits; a larger classifier makes the dropout visible
+    with torch.no_grad():
+        net.classifier.weight.mul_(20)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.rand(3, 45, 70, generator=torch.Generator().manual_seed(1))
+
+
+def test_mc_samples_vary_and_eval_forward_is_deterministic(model, image):
+    samples = mc_samples(model, image, num_samples=8, generator=torch.Generator().manual_seed(0))
+    assert samples.shape[:2] == (8, 5)
+    assert samples.std(0).max() > 1e-3, "MC dropout must give different samples"
+    batch = image.unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model(batch), rtol=0, atol=0)
+    assert not model.training
+
+
+def test_masked_classifier_equals_channel_dropout_on_features(model, image):
+    """Dropping classifier columns is exactly Dropout2d on the decoder features."""
+    keep = 1 - model.dropout.p
+    samples = mc_samples(model, image, num_samples=3, generator=torch.Generator().manual_seed(5))
+    masks = (torch.rand(3, model.feature_channels, generator=torch.Generator().manual_seed(5)) < keep).float()
+    with torch.no_grad():
+        features = model.features(image.unsqueeze(0))  # [1, D, h, w]
+        for index in range(3):
+            dropped = features * masks[index].view(1, -1, 1, 1) / keep
+            expected = F.softmax(model.classifier(dropped), dim=1)[0]
+            torch.testing.assert_close(samples[index], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 20])
+def test_streamed_inference_matches_stored_samples(model, image, chunk_size):
+    stored = mc_samples(model, image, num_samples=20, generator=torch.Generator().manual_seed(2))
+    streamed = mc_moments(
+        model, image, 20, generator=torch.Generator().manual_seed(2), chunk_size=chunk_size, image_resolution=False
+    )[0]
+    direct = moments_from_samples(stored)
+    torch.testing.assert_close(streamed.mean, stored.double().mean(0), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(streamed.variance, stored.double().var(0), rtol=1e-4, atol=1e-9)
+    for name in acquisition.names():
+        torch.testing.assert_close(
+            score_moments(name, streamed, generator=torch.Generator().manual_seed(9)),
+            score(name, stored, generator=torch.Generator().manual_seed(9)),
+            rtol=1e-5,
+            atol=1e-7,
+            msg=name,
+        )
+    assert direct.num_samples == streamed.num_samples == 20
+
+
+def test_moments_come_back_at_the_image_resolution(model, image):
+    batch = torch.stack([image, image.flip(-1)])
+    moments = mc_moments(model, batch, num_samples=4, generator=torch.Generator().manual_seed(0))
+    assert len(moments) == 2
+    for m in moments:
+        assert m.mean.shape == (5, 45, 70) and m.mean_entropy.shape == (45, 70)
+        torch.testing.assert_close(m.mean.sum(0), torch.ones(45, 70, dtype=torch.float64))
+        assert (m.variance >= 0).all()
+    # with many samples the MC mean agrees with the deterministic prediction on most pixels
+    many = mc_moments(model, image, num_samples=100, generator=torch.Generator().manual_seed(0))[0]
+    agree = predict_probabilities(model, image).argmax(1)[0] == many.mean.argmax(0)
+    assert agree.float().mean() > 0.85
+
+
+def test_bad_inputs_are_refused(model):
+    with pytest.raises(ValueError, match="num_samples"):
+        mc_moments(model, torch.rand(3, 32, 32), num_samples=0)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        mc_moments(model, torch.rand(1, 32, 32))
