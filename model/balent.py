@@ -21,8 +21,9 @@ Both are fixed by rewriting with g(x) = ln Gamma(x) - (x - 1) psi(x) + x:
 like a logarithm, so nothing large is subtracted. Arguments below 6 are shifted up by
 the recurrences (ln Gamma(x) = ln Gamma(x+k) - ln prod, psi(x) = psi(x+k) - sum 1/(x+j),
 the sum kept as prod'/prod so it costs one division); then the asymptotic series, whose
-truncation error is below 1e-11 for x >= 6, share one logarithm per argument. One numba
-loop per pixel does it all.
+truncation error is below 1e-11 for x >= 6, share one logarithm per argument. When both
+a and b are >= 6 (most classes of most pixels), the logarithms of g(a), g(b), g(a+b) and
+psi(a+b) merge into one, ln(a b / (a+b)^3). One numba loop per pixel does it all.
 
 Numerical edge cases, chosen on purpose:
 - mean clamped to [MEAN_MIN, MEAN_MAX] = [1e-30, 1 - 1e-15]: float32 softmax gives exact
@@ -58,6 +59,25 @@ _SHIFT_TO = 6.0
 
 
 @numba.njit(cache=True, inline="always")
+def _g_tail(inv: float) -> float:
+    """g(x) - ln(x)/2 - (ln(2 pi) + 1)/2 as a series in inv = 1/x (x >= 6)."""
+    return -inv * (
+        1.0 / 3.0
+        + inv * (1.0 / 12.0 + inv * (1.0 / 90.0 - inv * (1.0 / 120.0 + inv * (1.0 / 210.0 - inv * (
+            1.0 / 252.0 + inv * (1.0 / 210.0 - inv * (1.0 / 240.0 + inv * (5.0 / 594.0 - inv / 132.0))))))))
+    )
+
+
+@numba.njit(cache=True, inline="always")
+def _digamma_tail(inv: float) -> float:
+    """psi(x) - ln(x) as a series in inv = 1/x (x >= 6)."""
+    inv2 = inv * inv
+    return -0.5 * inv - inv2 * (
+        1.0 / 12.0 - inv2 * (1.0 / 120.0 - inv2 * (1.0 / 252.0 - inv2 * (1.0 / 240.0 - inv2 / 132.0)))
+    )
+
+
+@numba.njit(cache=True, inline="always")
 def _g_digamma(x: float) -> tuple[float, float]:
     """(g(x), psi(x)) for x > 0, g(x) = ln Gamma(x) - (x - 1) psi(x) + x."""
     shift = 0.0
@@ -71,17 +91,8 @@ def _g_digamma(x: float) -> tuple[float, float]:
         shift += 1.0
     log_x = math.log(x)
     inv = 1.0 / x
-    inv2 = inv * inv
-    # Bernoulli series: psi = ln x - 1/(2x) - sum B_2k / (2k x^2k)
-    digamma = log_x - 0.5 * inv - inv2 * (
-        1.0 / 12.0 - inv2 * (1.0 / 120.0 - inv2 * (1.0 / 252.0 - inv2 * (1.0 / 240.0 - inv2 / 132.0)))
-    )
-    # g = ln(x)/2 + (ln(2 pi) + 1)/2 - 1/(2x) + sum B_2k [x^-(2k-1) / (2k-1) - x^-2k / (2k)]
-    g = 0.5 * log_x + _G_CONSTANT - inv * (
-        1.0 / 3.0
-        + inv * (1.0 / 12.0 + inv * (1.0 / 90.0 - inv * (1.0 / 120.0 + inv * (1.0 / 210.0 - inv * (
-            1.0 / 252.0 + inv * (1.0 / 210.0 - inv * (1.0 / 240.0 + inv * (5.0 / 594.0 - inv / 132.0))))))))
-    )
+    digamma = log_x + _digamma_tail(inv)
+    g = 0.5 * log_x + _G_CONSTANT + _g_tail(inv)
     if shift > 0.0:
         harmonic = dprod / prod  # sum_j 1/(x0 + j)
         # g(x0) = g(x) - k + k psi(x) - ln prod + (x0 - 1) sum_j 1/(x0 + j), x = x0 + k
@@ -92,9 +103,23 @@ def _g_digamma(x: float) -> tuple[float, float]:
 
 @numba.njit(cache=True, inline="always")
 def _beta_entropy(a: float, b: float) -> float:
+    total = a + b
+    if a >= _SHIFT_TO and b >= _SHIFT_TO:
+        # Common case (confident pixels): the four logarithms merge into one,
+        # h = (ln(2 pi) + 1)/2 + ln(a b / (a+b)^3)/2 + series; one division gives 1/a, 1/b, 1/(a+b).
+        reciprocal = 1.0 / (a * b * total)
+        inv_total = a * b * reciprocal
+        return (
+            _G_CONSTANT
+            + 0.5 * math.log(a * b / (total * total * total))
+            + _g_tail(b * total * reciprocal)
+            + _g_tail(a * total * reciprocal)
+            - _g_tail(inv_total)
+            - _digamma_tail(inv_total)
+        )
     g_a, _ = _g_digamma(a)
     g_b, _ = _g_digamma(b)
-    g_ab, psi_ab = _g_digamma(a + b)
+    g_ab, psi_ab = _g_digamma(total)
     return g_a + g_b - g_ab - psi_ab
 
 

@@ -34,7 +34,8 @@ from .network import BayesianSegmenter
 OPTIMIZERS = ("adamw", "sgd")
 _CROP_TRIES = 10  # redraws of a crop that missed every labeled pixel, per sample
 
-Progress = Callable[[int, int, float], None]  # (step, total steps, loss) after each step
+# (step, total steps, loss) after each optimizer step; not called for a skipped step
+Progress = Callable[[int, int, float], None]
 
 
 @dataclass
@@ -84,7 +85,9 @@ class TrainConfig:
         """The augmentation for this run; with ``augment=False`` only crop/pad (batches must stack)."""
         if self.augment:
             return SparseAugment(crop_size=tuple(self.crop_size))
-        return SparseAugment(crop_size=tuple(self.crop_size), scale_range=(1.0, 1.0), flip=False, jitter=0.0, blur_prob=0.0)
+        return SparseAugment(
+            crop_size=tuple(self.crop_size), scale_range=(1.0, 1.0), flip=False, jitter=0.0, blur_prob=0.0
+        )
 
 
 @dataclass
@@ -107,6 +110,10 @@ def _labeled_samples(
             raise ValueError(
                 f"Sample {index}: expected image [3, H, W] and labels [H, W], got "
                 f"{tuple(image.shape)} and {tuple(labels.shape)}."
+            )
+        if not image.is_floating_point():
+            raise ValueError(
+                f"Sample {index}: image is {image.dtype}; pass floats in [0, 1] (model.data.load_image)."
             )
         labels = labels.to(torch.int64)
         labeled = labels != IGNORE_INDEX

@@ -1,0 +1,118 @@
+"""Sparse-label training on real CamVid frames: the loss on the labeled pixels must fall."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from model import ModelConfig, build_model
+from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
+from model.training import TrainConfig, sparse_cross_entropy, train
+
+PIXELS_PER_IMAGE = 50
+
+
+def _sparsify(dense: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Keep `count` random labeled (non-void) pixels of a dense label map, IGNORE_INDEX elsewhere."""
+    candidates = torch.nonzero(dense.view(-1) != IGNORE_INDEX).squeeze(1)
+    chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
+    sparse = torch.full_like(dense, IGNORE_INDEX)
+    sparse.view(-1)[chosen] = dense.view(-1)[chosen]
+    return sparse
+
+
+@pytest.fixture(scope="module")
+def sparse_camvid(camvid_dir) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Four training frames at half size (240 x 180), 50 random labeled pixels each."""
+    folder = SegmentationFolder(camvid_dir, "train", scale=0.5)
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for index in (0, 90, 180, 270):  # different sequences of the split
+        image, dense = folder[index]
+        samples.append((image, _sparsify(dense, PIXELS_PER_IMAGE, generator)))
+    return samples
+
+
+def _labeled_loss(model, samples) -> float:
+    """Eq. 5 on the given samples, whole images, eval mode."""
+    model.eval()
+    with torch.no_grad():
+        images = torch.stack([image for image, _ in samples])
+        labels = torch.stack([labels for _, labels in samples])
+        return float(sparse_cross_entropy(model(images), labels))
+
+
+def _small_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(num_classes=len(CAMVID_CLASSES), encoder_weights=None))
+
+
+def test_sparse_training_lowers_loss_on_labeled_pixels(sparse_camvid):
+    assert all(int((labels != IGNORE_INDEX).sum()) == PIXELS_PER_IMAGE for _, labels in sparse_camvid)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES)))  # packaged ImageNet encoder
+    before = _labeled_loss(model, sparse_camvid)
+    calls = []
+    config = TrainConfig(steps=30, batch_size=2, crop_size=(180, 240), seed=0)
+    result = train(model, sparse_camvid, config, progress=lambda *args: calls.append(args))
+    after = _labeled_loss(model, sparse_camvid)
+
+    assert result.steps == 30 and len(result.losses) == 30 and result.skipped_steps == 0
+    assert result.num_images == 4 and result.num_labeled_pixels == 4 * PIXELS_PER_IMAGE
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert [(step, total) for step, total, _ in calls] == [(step, 30) for step in range(1, 31)]
+    assert [loss for _, _, loss in calls] == result.losses
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert after < 0.8 * before, (before, after)
+    assert not model.training  # the mode it had before training
+
+
+def test_same_seed_reproduces_run_and_leaves_global_rng_alone(sparse_camvid):
+    model = _small_model()
+    twin = copy.deepcopy(model)
+    config = TrainConfig(steps=3, batch_size=2, crop_size=(64, 64), seed=5)
+    rng_before = torch.random.get_rng_state()
+    first = train(model, sparse_camvid, config)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    second = train(twin, sparse_camvid, config)
+    assert first.losses == second.losses
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_unlabeled_images_are_dropped_and_one_image_still_trains(sparse_camvid):
+    image, labels = sparse_camvid[0]
+    empty = (image, torch.full_like(labels, IGNORE_INDEX))
+    model = _small_model()
+    model.train()
+    result = train(model, [empty, (image, labels), empty], TrainConfig(steps=2, batch_size=2, crop_size=(96, 96)))
+    assert result.num_images == 1 and result.num_labeled_pixels == PIXELS_PER_IMAGE
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert model.training  # restored
+
+
+def test_epochs_set_the_number_of_steps(sparse_camvid):
+    config = TrainConfig(epochs=2, batch_size=3, crop_size=(48, 48))
+    assert config.total_steps(4) == 4  # ceil(4 / 3) steps per epoch
+    result = train(_small_model(), sparse_camvid, config)
+    assert result.steps == 4
+
+
+def test_bad_input_raises_clear_errors(sparse_camvid):
+    image, labels = sparse_camvid[0]
+    model = _small_model()
+    with pytest.raises(ValueError, match="has a labeled pixel"):
+        train(model, [(image, torch.full_like(labels, IGNORE_INDEX))], TrainConfig(steps=1))
+    void = labels.clone()
+    void[0, 0] = 11  # CamVid void left unmapped
+    with pytest.raises(ValueError, match="IGNORE_INDEX"):
+        train(model, [(image, void)], TrainConfig(steps=1))
+    with pytest.raises(ValueError, match="floats in"):
+        train(model, [((image * 255).to(torch.uint8), labels)], TrainConfig(steps=1))
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        TrainConfig(batch_size=1)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
