@@ -56,6 +56,9 @@ LOWEST_SCORE = float(np.finfo(np.float64).min)
 _LOG2 = math.log(2.0)
 _G_CONSTANT = 0.5 * (math.log(2.0 * math.pi) + 1.0)
 _SHIFT_TO = 6.0
+_BLOCK = 512  # pixels per parallel work item
+# fast-math without "nnan"/"ninf": NaN and inf checks must survive optimization
+_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @numba.njit(cache=True, inline="always")
@@ -102,56 +105,92 @@ def _g_digamma(x: float) -> tuple[float, float]:
 
 
 @numba.njit(cache=True, inline="always")
-def _beta_entropy(a: float, b: float) -> float:
+def _beta_entropy_large(a: float, b: float) -> float:
+    """h(a, b) for a, b >= 6: the four logarithms of g(a), g(b), g(a+b), psi(a+b) merge into
+    ln(a b / (a+b)^3); one division gives 1/a, 1/b and 1/(a+b)."""
     total = a + b
-    if a >= _SHIFT_TO and b >= _SHIFT_TO:
-        # Common case (confident pixels): the four logarithms merge into one,
-        # h = (ln(2 pi) + 1)/2 + ln(a b / (a+b)^3)/2 + series; one division gives 1/a, 1/b, 1/(a+b).
-        reciprocal = 1.0 / (a * b * total)
-        inv_total = a * b * reciprocal
-        return (
-            _G_CONSTANT
-            + 0.5 * math.log(a * b / (total * total * total))
-            + _g_tail(b * total * reciprocal)
-            + _g_tail(a * total * reciprocal)
-            - _g_tail(inv_total)
-            - _digamma_tail(inv_total)
-        )
+    reciprocal = 1.0 / (a * b * total)
+    inv_total = a * b * reciprocal
+    return (
+        _G_CONSTANT
+        + 0.5 * math.log(a * b / (total * total * total))
+        + _g_tail(b * total * reciprocal)
+        + _g_tail(a * total * reciprocal)
+        - _g_tail(inv_total)
+        - _digamma_tail(inv_total)
+    )
+
+
+@numba.njit(cache=True, inline="always")
+def _beta_entropy_any(a: float, b: float) -> float:
     g_a, _ = _g_digamma(a)
     g_b, _ = _g_digamma(b)
-    g_ab, psi_ab = _g_digamma(total)
+    g_ab, psi_ab = _g_digamma(a + b)
     return g_a + g_b - g_ab - psi_ab
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, inline="always")
+def _beta_entropy(a: float, b: float) -> float:
+    if a >= _SHIFT_TO and b >= _SHIFT_TO:
+        return _beta_entropy_large(a, b)
+    return _beta_entropy_any(a, b)
+
+
+@numba.njit(cache=True, inline="always")
+def _posterior_parameters(m: float, s: float, unbias: float) -> tuple[float, float, float]:
+    """(clamped mean, alpha + 1, beta) of the conjugate posterior from E[p] and E[p^2]."""
+    mu = min(max(m, MEAN_MIN), MEAN_MAX)
+    bound = mu * (1.0 - mu)
+    var = min(max((s - m * m) * unbias, bound * VAR_FLOOR_FACTOR), bound * VAR_CEILING_FACTOR)
+    common = bound / var - 1.0  # alpha + beta, method of moments
+    return mu, mu * common + 1.0, (1.0 - mu) * common
+
+
+@numba.njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _balent_kernel(mean, second, num_samples, acquisition, out):  # pragma: no cover - numba
-    """mean, second: [C, N] float64; out: [N] float64 (BalEnt or BalEntAcq)."""
+    """mean, second: [C, N] float64; out: [N] float64 (BalEnt or BalEntAcq).
+
+    Blocks of pixels in parallel; inside a block, class by class, so that every read walks
+    one contiguous row of [C, N]. The main loop has no branch: it takes the large-argument
+    formula and flags the (rare) elements with alpha + 1 or beta below 6, which a second
+    loop adds with the general formula.
+    """
     num_classes, num_pixels = mean.shape
     unbias = num_samples / (num_samples - 1.0) if num_samples > 1 else 0.0
-    for n in numba.prange(num_pixels):
-        shannon = 0.0
-        posterior = 0.0
-        finite = True
+    num_blocks = (num_pixels + _BLOCK - 1) // _BLOCK
+    for block in numba.prange(num_blocks):
+        start = block * _BLOCK
+        size = min(num_pixels, start + _BLOCK) - start
+        shannon = np.zeros(size)  # H[x]
+        posterior = np.zeros(size)  # sum_i E[P_i] h(P_i+)
+        finite = np.ones(size, dtype=np.bool_)  # every moment of the pixel is finite
+        small = np.zeros((num_classes, size), dtype=np.bool_)
+        any_small = False
         for c in range(num_classes):
-            m = mean[c, n]
-            s = second[c, n]
-            if not (math.isfinite(m) and math.isfinite(s)):
-                finite = False
-                break
-            mu = min(max(m, MEAN_MIN), MEAN_MAX)
-            shannon -= mu * math.log(mu)
-            bound = mu * (1.0 - mu)
-            var = min(max((s - m * m) * unbias, bound * VAR_FLOOR_FACTOR), bound * VAR_CEILING_FACTOR)
-            common = bound / var - 1.0
-            posterior += mu * _beta_entropy(mu * common + 1.0, (1.0 - mu) * common)
-        if not finite:
-            out[n] = LOWEST_SCORE
-            continue
-        balent = (posterior + shannon) / (shannon + _LOG2)
-        if acquisition:
-            out[n] = 1.0 / max(balent, BALENT_FLOOR) if balent >= 0.0 else balent
-        else:
-            out[n] = balent
+            for i in range(size):
+                m = mean[c, start + i]
+                s = second[c, start + i]
+                finite[i] &= math.isfinite(m) & math.isfinite(s)
+                mu, a, b = _posterior_parameters(m, s, unbias)
+                shannon[i] -= mu * math.log(mu)
+                is_small = a < _SHIFT_TO or b < _SHIFT_TO
+                small[c, i] = is_small
+                any_small |= is_small
+                posterior[i] += 0.0 if is_small else mu * _beta_entropy_large(a, b)
+        if any_small:
+            for c in range(num_classes):
+                for i in range(size):
+                    if small[c, i]:
+                        mu, a, b = _posterior_parameters(mean[c, start + i], second[c, start + i], unbias)
+                        posterior[i] += mu * _beta_entropy_any(a, b)
+        for i in range(size):
+            balent = (posterior[i] + shannon[i]) / (shannon[i] + _LOG2)
+            if not (finite[i] and math.isfinite(balent)):
+                out[start + i] = LOWEST_SCORE
+            elif not acquisition:
+                out[start + i] = balent
+            else:
+                out[start + i] = 1.0 / max(balent, BALENT_FLOOR) if balent >= 0.0 else balent
 
 
 @numba.njit(cache=True)

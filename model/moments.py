@@ -18,13 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-# float32 softmax can give exact zeros; 0 * log 0 is taken as 0.
-_TINY = torch.finfo(torch.float64).tiny
-
 
 def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
-    """Shannon entropy in nats along `dim`, with 0 log 0 = 0."""
-    return -(probs * torch.log(probs.clamp_min(_TINY))).sum(dim)
+    """Shannon entropy in nats along `dim`, with 0 log 0 = 0 (float32 softmax gives exact zeros)."""
+    return -torch.special.xlogy(probs, probs).sum(dim)
 
 
 @dataclass
@@ -73,7 +70,11 @@ class MomentAccumulator:
         self.num_samples = 0
 
     def update(self, probs: torch.Tensor) -> None:
-        """Add a chunk of softmax samples ``[k, C, *spatial]`` (k = samples in the chunk)."""
+        """Add a chunk of softmax samples ``[k, C, *spatial]`` (k = samples in the chunk).
+
+        Everything is computed in float64, the per-sample entropies included: BALD is the
+        small difference of two entropies, and float32 noise (~1e-7) would swamp it.
+        """
         if probs.ndim < 2:
             raise ValueError(f"Expected samples [k, C, ...], got shape {tuple(probs.shape)}.")
         probs = probs.to(torch.float64)
