@@ -56,7 +56,6 @@ LOWEST_SCORE = float(np.finfo(np.float64).min)
 _LOG2 = math.log(2.0)
 _G_CONSTANT = 0.5 * (math.log(2.0 * math.pi) + 1.0)
 _SHIFT_TO = 6.0
-_BLOCK = 512  # pixels per parallel work item
 # fast-math without "nnan"/"ninf": NaN and inf checks must survive optimization
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -148,49 +147,76 @@ def _posterior_parameters(m: float, s: float, unbias: float) -> tuple[float, flo
 
 @numba.njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _balent_kernel(mean, second, num_samples, acquisition, out):  # pragma: no cover - numba
-    """mean, second: [C, N] float64; out: [N] float64 (BalEnt or BalEntAcq).
+    """mean, second: [C, R, W] float64, any strides; out: [R, W] float64 (BalEnt or BalEntAcq).
 
-    Blocks of pixels in parallel; inside a block, class by class, so that every read walks
-    one contiguous row of [C, N]. The main loop has no branch: it takes the large-argument
-    formula and flags the (rare) elements with alpha + 1 or beta below 6, which a second
-    loop adds with the general formula.
+    Rows run in parallel (a row of a cropped view is contiguous, so no copy is needed). Inside a block, [C, block] scratch arrays keep three
+    loops apart: the arithmetic (no calls, so LLVM vectorizes it), the two logarithms per
+    element (scalar libm calls), and the per-pixel sums. Elements with alpha + 1 or beta
+    below 6 (rare: tiny variance relative to a tiny mean) take the general formula in a
+    fourth loop.
     """
-    num_classes, num_pixels = mean.shape
+    num_classes, num_rows, size = mean.shape
     unbias = num_samples / (num_samples - 1.0) if num_samples > 1 else 0.0
-    num_blocks = (num_pixels + _BLOCK - 1) // _BLOCK
-    for block in numba.prange(num_blocks):
-        start = block * _BLOCK
-        size = min(num_pixels, start + _BLOCK) - start
-        shannon = np.zeros(size)  # H[x]
-        posterior = np.zeros(size)  # sum_i E[P_i] h(P_i+)
+    for row in numba.prange(num_rows):
+        # the row into contiguous scratch: loops over C-ordered arrays vectorize, strided ones do not
+        row_mean = np.empty((num_classes, size))
+        row_second = np.empty((num_classes, size))
+        for c in range(num_classes):
+            for i in range(size):
+                row_mean[c, i] = mean[c, row, i]
+                row_second[c, i] = second[c, row, i]
+        mu = np.empty((num_classes, size))  # clamped E[P_i]
+        ratio = np.empty((num_classes, size))  # a b / (a + b)^3, 1 where small
+        rest = np.empty((num_classes, size))  # E[P_i] (h(P_i+) - ln(ratio) / 2), 0 where small
+        small = np.empty((num_classes, size), dtype=np.bool_)
         finite = np.ones(size, dtype=np.bool_)  # every moment of the pixel is finite
-        small = np.zeros((num_classes, size), dtype=np.bool_)
         any_small = False
         for c in range(num_classes):
             for i in range(size):
-                m = mean[c, start + i]
-                s = second[c, start + i]
+                m = row_mean[c, i]
+                s = row_second[c, i]
                 finite[i] &= math.isfinite(m) & math.isfinite(s)
-                mu, a, b = _posterior_parameters(m, s, unbias)
-                shannon[i] -= mu * math.log(mu)
+                mu_ci, a, b = _posterior_parameters(m, s, unbias)
+                total = a + b
+                reciprocal = 1.0 / (a * b * total)  # one division for 1/a, 1/b, 1/(a+b)
+                inv_total = a * b * reciprocal
+                tails = (
+                    _g_tail(b * total * reciprocal)
+                    + _g_tail(a * total * reciprocal)
+                    - _g_tail(inv_total)
+                    - _digamma_tail(inv_total)
+                )
                 is_small = a < _SHIFT_TO or b < _SHIFT_TO
+                mu[c, i] = mu_ci
                 small[c, i] = is_small
                 any_small |= is_small
-                posterior[i] += 0.0 if is_small else mu * _beta_entropy_large(a, b)
-        if any_small:
-            for c in range(num_classes):
-                for i in range(size):
-                    if small[c, i]:
-                        mu, a, b = _posterior_parameters(mean[c, start + i], second[c, start + i], unbias)
-                        posterior[i] += mu * _beta_entropy_any(a, b)
+                ratio[c, i] = 1.0 if is_small else a * b / (total * total * total)
+                rest[c, i] = 0.0 if is_small else mu_ci * (_G_CONSTANT + tails)
+        log_mu = np.empty((num_classes, size))
+        log_ratio = np.empty((num_classes, size))
+        for c in range(num_classes):
+            for i in range(size):
+                log_mu[c, i] = math.log(mu[c, i])
+                log_ratio[c, i] = math.log(ratio[c, i])
+        shannon = np.zeros(size)  # H[x]
+        posterior = np.zeros(size)  # sum_i E[P_i] h(P_i+)
+        for c in range(num_classes):
+            for i in range(size):
+                shannon[i] -= mu[c, i] * log_mu[c, i]
+                posterior[i] += rest[c, i] + 0.5 * mu[c, i] * log_ratio[c, i]
+        for c in range(num_classes if any_small else 0):
+            for i in range(size):
+                if small[c, i]:
+                    mu_ci, a, b = _posterior_parameters(row_mean[c, i], row_second[c, i], unbias)
+                    posterior[i] += mu_ci * _beta_entropy_any(a, b)
         for i in range(size):
             balent = (posterior[i] + shannon[i]) / (shannon[i] + _LOG2)
             if not (finite[i] and math.isfinite(balent)):
-                out[start + i] = LOWEST_SCORE
+                out[row, i] = LOWEST_SCORE
             elif not acquisition:
-                out[start + i] = balent
+                out[row, i] = balent
             else:
-                out[start + i] = 1.0 / max(balent, BALENT_FLOOR) if balent >= 0.0 else balent
+                out[row, i] = 1.0 / max(balent, BALENT_FLOOR) if balent >= 0.0 else balent
 
 
 @numba.njit(cache=True)
@@ -208,13 +234,21 @@ def beta_entropy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out.reshape(np.broadcast(a, b).shape)
 
 
+def _as_rows(moment: torch.Tensor) -> np.ndarray:
+    """``[C, *spatial]`` -> a float64 numpy view ``[C, rows, width]`` (copies only when it must)."""
+    moment = moment.detach().to("cpu", torch.float64)
+    if moment.ndim == 3:
+        return moment.numpy()  # any strides: a cropped view stays a view
+    return moment.reshape(moment.shape[0], 1, -1).numpy()
+
+
 def balent_from_moments(
     mean: torch.Tensor, second: torch.Tensor, num_samples: int, acquisition: bool = True
 ) -> torch.Tensor:
     """BalEntAcq (or plain BalEnt) per pixel: ``[C, *spatial]`` moments -> ``[*spatial]`` float64."""
-    spatial = mean.shape[1:]
-    mean_np = np.ascontiguousarray(mean.detach().to("cpu", torch.float64).reshape(mean.shape[0], -1).numpy())
-    second_np = np.ascontiguousarray(second.detach().to("cpu", torch.float64).reshape(mean.shape[0], -1).numpy())
-    out = np.empty(mean_np.shape[1], dtype=np.float64)
-    _balent_kernel(mean_np, second_np, float(num_samples), acquisition, out)
-    return torch.from_numpy(out).reshape(spatial).to(mean.device)
+    if mean.shape != second.shape or mean.ndim < 2:
+        raise ValueError(f"mean and second must both be [C, *spatial], got {tuple(mean.shape)}, {tuple(second.shape)}.")
+    mean_rows, second_rows = _as_rows(mean), _as_rows(second)
+    out = np.empty(mean_rows.shape[1:], dtype=np.float64)
+    _balent_kernel(mean_rows, second_rows, float(num_samples), acquisition, out)
+    return torch.from_numpy(out).reshape(mean.shape[1:]).to(mean.device)
