@@ -1,4 +1,4 @@
-"""BalEnt / BalEntAcq (paper 000, eqs. 1-4) as one fused per-pixel kernel.
+"""BalEnt / BalEntAcq (paper 000, eqs. 1-4) as one fused numba kernel.
 
 For every pixel and class i, the MC mean and unbiased variance of P_i give Beta(alpha, beta)
 by the method of moments; the conjugate posterior after observing the label is
@@ -10,7 +10,7 @@ P_i+ ~ Beta(alpha + 1, beta), whose differential entropy is closed form:
     BalEnt  = MJEnt / (H + ln 2)
     BalEntAcq = 1 / BalEnt if BalEnt >= 0 else BalEnt
 
-Computed with torch's lgamma/digamma this costs about 11x a plain entropy (six special
+Computed with torch's lgamma/digamma this costs 11-16x a plain entropy (six special
 functions per class and pixel, each a pass over memory), and ln B(a, b) cancels
 catastrophically when a or b is large (confident pixels: alpha, beta ~ 1e8 and more).
 Both are fixed by rewriting with g(x) = ln Gamma(x) - (x - 1) psi(x) + x:
@@ -23,14 +23,15 @@ the recurrences (ln Gamma(x) = ln Gamma(x+k) - ln prod, psi(x) = psi(x+k) - sum 
 the sum kept as prod'/prod so it costs one division); then the asymptotic series, whose
 truncation error is below 1e-11 for x >= 6, share one logarithm per argument. When both
 a and b are >= 6 (most classes of most pixels), the logarithms of g(a), g(b), g(a+b) and
-psi(a+b) merge into one, ln(a b / (a+b)^3). One numba loop per pixel does it all.
+psi(a+b) merge into one, ln(a b / (a+b)^3): two logarithms per class and pixel in all,
+against one for the entropy. See ``_balent_kernel`` for how the loops are laid out.
 
 Numerical edge cases, chosen on purpose:
 - mean clamped to [MEAN_MIN, MEAN_MAX] = [1e-30, 1 - 1e-15]: float32 softmax gives exact
   0 and 1, and 1 - 1e-30 would round back to 1 in float64.
 - variance clamped to mean (1 - mean) [1e-15, 1 - 1e-6] (so alpha + beta <= 1e15): zero
-  variance (all samples equal) would make alpha, beta infinite; the unbiased variance of samples that are all
-  0 or 1 can exceed mean (1 - mean), which no Beta has. Both limits give a very negative
+  variance (all samples equal) would make alpha, beta infinite; the unbiased variance of
+  samples that are all 0 or 1 can exceed mean (1 - mean), which no Beta has. Both limits give a very negative
   posterior entropy, so such pixels land at the bottom of the ranking, as confident
   pixels should.
 - BalEnt in [0, BALENT_FLOOR) is raised to BALENT_FLOOR, so BalEntAcq is at most
@@ -104,20 +105,23 @@ def _g_digamma(x: float) -> tuple[float, float]:
 
 
 @numba.njit(cache=True, inline="always")
-def _beta_entropy_large(a: float, b: float) -> float:
-    """h(a, b) for a, b >= 6: the four logarithms of g(a), g(b), g(a+b), psi(a+b) merge into
-    ln(a b / (a+b)^3); one division gives 1/a, 1/b and 1/(a+b)."""
+def _beta_entropy_large_parts(a: float, b: float) -> tuple[float, float]:
+    """h(a, b) = parts[1] + ln(parts[0]) / 2 for a, b >= 6, with no logarithm taken here.
+
+    The four logarithms of g(a), g(b), g(a+b) and psi(a+b) merge into ln(a b / (a+b)^3);
+    one division gives 1/a, 1/b and 1/(a+b).
+    """
     total = a + b
     reciprocal = 1.0 / (a * b * total)
     inv_total = a * b * reciprocal
-    return (
+    series = (
         _G_CONSTANT
-        + 0.5 * math.log(a * b / (total * total * total))
         + _g_tail(b * total * reciprocal)
         + _g_tail(a * total * reciprocal)
         - _g_tail(inv_total)
         - _digamma_tail(inv_total)
     )
+    return a * b / (total * total * total), series
 
 
 @numba.njit(cache=True, inline="always")
@@ -131,7 +135,8 @@ def _beta_entropy_any(a: float, b: float) -> float:
 @numba.njit(cache=True, inline="always")
 def _beta_entropy(a: float, b: float) -> float:
     if a >= _SHIFT_TO and b >= _SHIFT_TO:
-        return _beta_entropy_large(a, b)
+        ratio, series = _beta_entropy_large_parts(a, b)
+        return series + 0.5 * math.log(ratio)
     return _beta_entropy_any(a, b)
 
 
@@ -149,11 +154,11 @@ def _posterior_parameters(m: float, s: float, unbias: float) -> tuple[float, flo
 def _balent_kernel(mean, second, num_samples, acquisition, out):  # pragma: no cover - numba
     """mean, second: [C, R, W] float64, any strides; out: [R, W] float64 (BalEnt or BalEntAcq).
 
-    Rows run in parallel (a row of a cropped view is contiguous, so no copy is needed). Inside a block, [C, block] scratch arrays keep three
-    loops apart: the arithmetic (no calls, so LLVM vectorizes it), the two logarithms per
-    element (scalar libm calls), and the per-pixel sums. Elements with alpha + 1 or beta
-    below 6 (rare: tiny variance relative to a tiny mean) take the general formula in a
-    fourth loop.
+    Image rows run in parallel, so a cropped (strided) view needs no copy. Inside a row,
+    [C, W] scratch arrays keep the loops apart: the arithmetic (no calls, so LLVM
+    vectorizes it), the two logarithms per element (scalar libm calls), and the per-pixel
+    sums. Elements with alpha + 1 or beta below 6 (rare: tiny variance relative to a tiny
+    mean) take the general formula in one more loop.
     """
     num_classes, num_rows, size = mean.shape
     unbias = num_samples / (num_samples - 1.0) if num_samples > 1 else 0.0
@@ -177,21 +182,13 @@ def _balent_kernel(mean, second, num_samples, acquisition, out):  # pragma: no c
                 s = row_second[c, i]
                 finite[i] &= math.isfinite(m) & math.isfinite(s)
                 mu_ci, a, b = _posterior_parameters(m, s, unbias)
-                total = a + b
-                reciprocal = 1.0 / (a * b * total)  # one division for 1/a, 1/b, 1/(a+b)
-                inv_total = a * b * reciprocal
-                tails = (
-                    _g_tail(b * total * reciprocal)
-                    + _g_tail(a * total * reciprocal)
-                    - _g_tail(inv_total)
-                    - _digamma_tail(inv_total)
-                )
+                large_ratio, series = _beta_entropy_large_parts(a, b)
                 is_small = a < _SHIFT_TO or b < _SHIFT_TO
                 mu[c, i] = mu_ci
                 small[c, i] = is_small
                 any_small |= is_small
-                ratio[c, i] = 1.0 if is_small else a * b / (total * total * total)
-                rest[c, i] = 0.0 if is_small else mu_ci * (_G_CONSTANT + tails)
+                ratio[c, i] = 1.0 if is_small else large_ratio
+                rest[c, i] = 0.0 if is_small else mu_ci * series
         log_mu = np.empty((num_classes, size))
         log_ratio = np.empty((num_classes, size))
         for c in range(num_classes):
