@@ -16,6 +16,9 @@ the variance at in-between pixels the interpolated variance.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -55,7 +58,18 @@ def _sample_chunks(
         yield logits.softmax(dim=2).reshape(chunk.shape[0], batch, -1, height, width)
 
 
-def _check(model: BayesianSegmenter, images: torch.Tensor, num_samples: int) -> torch.Tensor:
+@contextmanager
+def _eval_mode(model: BayesianSegmenter) -> Iterator[None]:
+    """Eval mode inside the block (BatchNorm statistics, stock dropouts off), then restore."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check(images: torch.Tensor, num_samples: int) -> torch.Tensor:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     if images.ndim == 3:
@@ -77,12 +91,13 @@ def mc_moments(
     """Per-pixel MC moments for each image of ``[B, 3, H, W]`` (or one ``[3, H, W]``).
 
     Returns one ``MCMoments`` per image: ``[C, H, W]`` at the image resolution, or at the
-    decoder's resolution (padded grid) with ``image_resolution=False``.
+    decoder's resolution (padded grid) with ``image_resolution=False``. `generator` is a CPU
+    generator (the dropout masks are drawn on the CPU, then moved to the model's device).
     """
-    images = _check(model, images, num_samples)
-    was_training = model.training
-    model.eval()
-    try:
+    images = _check(images, num_samples)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    with _eval_mode(model):
         features = model.features(images)  # [B, D, h, w]
         masks = _dropout_masks(model, num_samples, generator)  # [m, D]
         accumulators = [MomentAccumulator() for _ in range(images.shape[0])]
@@ -90,8 +105,6 @@ def mc_moments(
             for index, accumulator in enumerate(accumulators):
                 accumulator.update(probs[:, index])
         moments = [accumulator.result() for accumulator in accumulators]
-    finally:
-        model.train(was_training)
     if not image_resolution:
         return moments
     size = tuple(images.shape[-2:])
@@ -110,24 +123,16 @@ def mc_samples(
     Same masks as ``mc_moments`` for the same generator state: for tests, figures and the
     stored-samples path of ``model.acquisition.score``.
     """
-    images = _check(model, image, num_samples)[:1]
-    was_training = model.training
-    model.eval()
-    try:
-        features = model.features(images)
-        masks = _dropout_masks(model, num_samples, generator)
+    images = _check(image, num_samples)[:1]
+    with _eval_mode(model):
+        features = model.features(images)  # [1, D, h, w]
+        masks = _dropout_masks(model, num_samples, generator)  # [m, D]
         return torch.cat([probs[:, 0] for probs in _sample_chunks(model, features, masks, DEFAULT_CHUNK_SIZE)])
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
 def predict_probabilities(model: BayesianSegmenter, images: torch.Tensor) -> torch.Tensor:
     """Deterministic (dropout off) softmax ``[B, C, H, W]`` at the image resolution."""
-    images = _check(model, images, 1)
-    was_training = model.training
-    model.eval()
-    try:
+    images = _check(images, 1)
+    with _eval_mode(model):
         return F.softmax(model(images), dim=1)
-    finally:
-        model.train(was_training)
