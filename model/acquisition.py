@@ -115,7 +115,7 @@ class PowerBALD(Acquisition):
 
     def __call__(self, moments, context):
         bald = _bald(moments)
-        uniform = _uniform(bald.shape, context.generator).clamp(1e-300, 1.0 - 1e-16)
+        uniform = _uniform(bald.shape, context.generator).clamp(1e-300, 1.0 - 1e-16).to(bald.device)
         gumbel = -torch.log(-torch.log(uniform))
         # BALD exactly 0 (no dropout effect): the smallest positive double instead of log 0
         return torch.log(bald.clamp_min(torch.finfo(torch.float64).tiny)) + gumbel / self.gamma
