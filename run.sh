@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for people, CI and the Dockerfile:
-#   ./run.sh start   set up .venv, then start the main job
-#   ./run.sh test    set up .venv with the test extra, then run the test suite
+#   ./run.sh start   set up .venv, then start the Label Studio ML backend (port 9090)
+#   ./run.sh test    set up .venv with the test extra and the test services (a Label Studio
+#                    in .venv-label-studio, Chromium), then run the test suite
 #   ./run.sh setup   set up only (SEGAL_EXTRAS=test to add the test tools)
 #   ./run.sh bench   set up, then print the inference / acquisition benchmark
 set -euo pipefail
@@ -24,6 +25,13 @@ setup() {
     local target="."
     [ -z "$extras" ] || target=".[$extras]"
     "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e "$target"
+    # opencv-python-headless (from label-studio-sdk) and the contrib build share the cv2
+    # folder; whichever is installed last wins. Put contrib's files back, then check.
+    local contrib
+    contrib=$(grep -E '^opencv-contrib-python-headless==' constraints.txt)
+    "$VENV/bin/python" -m pip install --quiet --no-deps --force-reinstall "$contrib"
+    "$VENV/bin/python" -c 'import cv2; cv2.ximgproc.createSuperpixelSEEDS' ||
+        { echo "cv2 lacks SEEDS superpixels: opencv-contrib-python-headless did not install" >&2; exit 1; }
     echo "$deps $extras" >"$stamp"
 }
 
@@ -32,7 +40,7 @@ shift || true
 case "$command" in
     setup) setup "${SEGAL_EXTRAS:-}" ;;
     start) setup ""; exec "$VENV/bin/segal-demo" "$@" ;;
-    test) setup test; exec "$VENV/bin/python" -m pytest "$@" ;;
+    test) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) setup ""; exec "$VENV/bin/segal-benchmark" "$@" ;;
     *) echo "usage: ./run.sh [start|test|setup|bench] [args...]" >&2; exit 2 ;;
 esac
