@@ -39,8 +39,9 @@ command=${1:-start}
 shift || true
 case "$command" in
     setup) setup "${SEGAL_EXTRAS:-}" ;;
-    start) setup ""; exec "$VENV/bin/segal-demo" "$@" ;;
+    start) setup ""; exec "$VENV/bin/segal-backend" "$@" ;;
     test) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) setup ""; exec "$VENV/bin/segal-benchmark" "$@" ;;
-    *) echo "usage: ./run.sh [start|test|setup|bench] [args...]" >&2; exit 2 ;;
+    demo) setup ""; exec "$VENV/bin/segal-demo" "$@" ;;
+    *) echo "usage: ./run.sh [start|test|setup|bench|demo] [args...]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,150 @@
+"""Backend settings, read from environment variables.
+
+Label Studio's own names where they exist (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``,
+``MODEL_DIR``, ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``, ``PORT``); ours start with
+``SEGAL_``. ``Settings.from_env`` validates everything at start-up, so a typo fails once,
+clearly, instead of on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from model import acquisition_names
+
+
+class ConfigError(ValueError):
+    """A setting has a value the backend cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    label_studio_url: str = ""  # LABEL_STUDIO_URL, e.g. http://localhost:8080
+    label_studio_api_key: str = ""  # LABEL_STUDIO_API_KEY (legacy token or personal access token)
+    model_dir: Path = Path("models")  # MODEL_DIR: checkpoints under <MODEL_DIR>/<project>/
+    cache_dir: Path | None = None  # SEGAL_CACHE_DIR: downloaded images; default <MODEL_DIR>/cache
+    basic_auth_user: str = ""  # BASIC_AUTH_USER / BASIC_AUTH_PASS: both set -> auth required
+    basic_auth_pass: str = ""
+    host: str = "0.0.0.0"  # HOST
+    port: int = 9090  # PORT
+    threads: int = 8  # SEGAL_THREADS: request threads of the one worker process
+    device: str = "auto"  # SEGAL_DEVICE: auto | cpu | cuda | cuda:N
+    acquisition: str = "balent"  # SEGAL_ACQUISITION: one of model.acquisition.names()
+    points_per_task: int = 5  # SEGAL_POINTS_PER_TASK
+    regions_per_task: int = 3  # SEGAL_REGIONS_PER_TASK (with BrushLabels / PolygonLabels)
+    mc_samples: int = 20  # SEGAL_MC_SAMPLES (m)
+    superpixels: int = 300  # SEGAL_SUPERPIXELS: SEEDS superpixels asked for a 480x360 image
+    max_side: int = 1024  # SEGAL_MAX_SIDE: images are downscaled to this longest side for the model
+    train_every: int = 0  # SEGAL_TRAIN_EVERY: retrain every N new annotations (0: only on "Start training")
+    train_steps: int = 300  # SEGAL_TRAIN_STEPS
+    train_batch_size: int = 4  # SEGAL_TRAIN_BATCH_SIZE
+    train_crop: int = 512  # SEGAL_TRAIN_CROP: square training crop side (smaller images are padded)
+    arch: str = "deeplabv3plus"  # SEGAL_ARCH: any segmentation-models-pytorch architecture
+    encoder: str = "tu-tf_efficientnet_lite0"  # SEGAL_ENCODER
+    encoder_weights: str | None = "packaged"  # SEGAL_ENCODER_WEIGHTS: packaged | imagenet | none
+    dropout: float = 0.2  # SEGAL_DROPOUT (r)
+    seed: int = 0  # SEGAL_SEED
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)  # SEGAL_ALLOWED_HOSTS, comma-separated
+
+    @property
+    def image_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.model_dir / "cache"
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        if self.basic_auth_user and self.basic_auth_pass:
+            return self.basic_auth_user, self.basic_auth_pass
+        return None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        settings = cls(
+            label_studio_url=reader.url("LABEL_STUDIO_URL"),
+            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", "").strip(),
+            model_dir=Path(env.get("MODEL_DIR", "models")),
+            cache_dir=Path(env["SEGAL_CACHE_DIR"]) if env.get("SEGAL_CACHE_DIR") else None,
+            basic_auth_user=env.get("BASIC_AUTH_USER", ""),
+            basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
+            host=env.get("HOST", "0.0.0.0"),
+            port=reader.integer("PORT", 9090, 1, 65535),
+            threads=reader.integer("SEGAL_THREADS", 8, 1, 256),
+            device=reader.choice("SEGAL_DEVICE", "auto", ("auto", "cpu", "cuda"), prefix_ok=("cuda:",)),
+            acquisition=reader.choice("SEGAL_ACQUISITION", "balent", tuple(acquisition_names())),
+            points_per_task=reader.integer("SEGAL_POINTS_PER_TASK", 5, 0, 10_000),
+            regions_per_task=reader.integer("SEGAL_REGIONS_PER_TASK", 3, 0, 1_000),
+            mc_samples=reader.integer("SEGAL_MC_SAMPLES", 20, 1, 1_000),
+            superpixels=reader.integer("SEGAL_SUPERPIXELS", 300, 4, 100_000),
+            max_side=reader.integer("SEGAL_MAX_SIDE", 1024, 32, 16_384),
+            train_every=reader.integer("SEGAL_TRAIN_EVERY", 0, 0, 1_000_000),
+            train_steps=reader.integer("SEGAL_TRAIN_STEPS", 300, 1, 1_000_000),
+            train_batch_size=reader.integer("SEGAL_TRAIN_BATCH_SIZE", 4, 2, 1_024),
+            train_crop=reader.integer("SEGAL_TRAIN_CROP", 512, 32, 8_192),
+            arch=env.get("SEGAL_ARCH", "deeplabv3plus"),
+            encoder=env.get("SEGAL_ENCODER", "tu-tf_efficientnet_lite0"),
+            encoder_weights=reader.choice(
+                "SEGAL_ENCODER_WEIGHTS", "packaged", ("packaged", "imagenet", "none")
+            ),
+            dropout=reader.number("SEGAL_DROPOUT", 0.2, 0.0, 0.99),
+            seed=reader.integer("SEGAL_SEED", 0, 0, 2**31 - 1),
+            allowed_hosts=tuple(h.strip().lower() for h in env.get("SEGAL_ALLOWED_HOSTS", "").split(",") if h.strip()),
+        )
+        if settings.encoder_weights == "none":
+            settings = _replace(settings, encoder_weights=None)
+        if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
+            raise ConfigError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
+        return settings
+
+
+def _replace(settings: Settings, **changes) -> Settings:
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer (default {default}).") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value} is outside {low}..{high}.")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number (default {default}).") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value} is outside {low}..{high}.")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], prefix_ok: tuple[str, ...] = ()) -> str:
+        raw = self.env.get(name, "").strip().lower()
+        if not raw:
+            return default
+        if raw in choices or any(raw.startswith(prefix) for prefix in prefix_ok):
+            return raw
+        raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}.")
+
+    def url(self, name: str) -> str:
+        raw = self.env.get(name, "").strip().rstrip("/")
+        if raw and urlparse(raw).scheme not in ("http", "https"):
+            raise ConfigError(f"{name}={raw!r} must start with http:// or https://.")
+        return raw

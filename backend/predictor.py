@@ -1,0 +1,212 @@
+"""``predict(tasks)``: the points and regions the model wants labeled next, per task.
+
+For each task: MC-dropout moments of the served model at a working resolution (longest
+side <= SEGAL_MAX_SIDE), then
+- the n most informative pixels by the configured acquisition, as KeyPointLabels results
+  (label = predicted class, ``score`` = acquisition value);
+- the top SEEDS superpixels by summed pixel entropy (paper 004, eq. 6), as BrushLabels
+  (exact RLE) or, without a BrushLabels control, PolygonLabels (the region's outline),
+  labeled with the region's majority predicted class.
+Pixels and regions that the task's annotations already label are never proposed.
+
+Before the first training run (cold start, paper 000 Algorithm 1 step 3) the pixels and
+regions are random and carry the control's first label: there is no prediction to show.
+
+The task-level ``score`` is the mean score of what is proposed, so sorting the Data
+Manager by prediction score, descending, puts the most informative tasks first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.acquisition import score_moments, select_pixels
+from model.data import IGNORE_INDEX
+from model.mc_dropout import mc_moments
+from model.moments import entropy
+from model.superpixels import (
+    SuperpixelCache,
+    majority_labels,
+    region_sums,
+    seeds_superpixels,
+    to_uint8_rgb,
+    top_regions,
+)
+
+from .config import Settings
+from .convert import annotation_to_labels, brush_region, keypoint_region, polygon_region
+from .images import ImageFetcher, ImageFetchError
+from .label_config import LabelSchema
+from .store import ModelStore, ServedModel
+
+log = logging.getLogger(__name__)
+
+
+class TaskError(ValueError):
+    """One task cannot be predicted (no image field, unreadable image...)."""
+
+
+@dataclass
+class WorkingImage:
+    image: torch.Tensor  # [3, h, w] at the working resolution
+    original_size: tuple[int, int]  # (H, W) of the image Label Studio shows
+
+
+def working_resolution(image: torch.Tensor, max_side: int) -> torch.Tensor:
+    """Downscale ``[3, H, W]`` so that its longest side is at most `max_side` (area filter)."""
+    height, width = image.shape[-2:]
+    scale = max_side / max(height, width)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(image.unsqueeze(0), size=size, mode="area").squeeze(0)
+
+
+def existing_results(task: dict, context: dict | None) -> list[dict]:
+    """Regions already given for a task: its non-cancelled annotations and interactive clicks."""
+    results: list[dict] = []
+    for annotation in task.get("annotations") or []:
+        if isinstance(annotation, dict) and not annotation.get("was_cancelled"):
+            results.extend(r for r in annotation.get("result") or [] if isinstance(r, dict))
+    if isinstance(context, dict):
+        results.extend(r for r in context.get("result") or [] if isinstance(r, dict))
+    return results
+
+
+def _task_seed(seed: int, task: dict) -> int:
+    digest = hashlib.sha256(f"{seed}:{task.get('id')}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class Predictor:
+    def __init__(self, settings: Settings, store: ModelStore, fetcher: ImageFetcher):
+        self.settings = settings
+        self.store = store
+        self.fetcher = fetcher
+        self.superpixels = SuperpixelCache()
+
+    def predict(
+        self, project: str, schema: LabelSchema, tasks: list[dict], context: dict | None = None
+    ) -> tuple[list[dict], list[str]]:
+        """One result per task, in order, and the reasons for tasks that got an empty one."""
+        served = self.store.current(project)
+        if served.model is not None and served.classes != schema.classes:
+            log.warning(
+                "project %s: the served model knows %s, the config now has %s; proposing as before training",
+                project, served.classes, schema.classes,
+            )
+            served = ServedModel(None, served.version, served.classes, {})
+        results, errors = [], []
+        for task in tasks:
+            try:
+                results.append(self.predict_task(served, schema, task, context))
+            except (TaskError, ImageFetchError, ValueError) as error:
+                log.warning("task %s: no prediction: %s", task.get("id"), error)
+                errors.append(f"task {task.get('id')}: {error}")
+                results.append({"result": [], "score": 0.0, "model_version": served.name})
+        return results, errors
+
+    def load(self, schema: LabelSchema, task: dict) -> WorkingImage:
+        data = task.get("data")
+        if not isinstance(data, dict) or schema.image_key not in data:
+            raise TaskError(f"task {task.get('id')} has no data.{schema.image_key} (the <Image> value field).")
+        image = self.fetcher.fetch(data[schema.image_key])
+        return WorkingImage(working_resolution(image, self.settings.max_side), tuple(image.shape[-2:]))
+
+    def predict_task(self, served: ServedModel, schema: LabelSchema, task: dict, context: dict | None = None) -> dict:
+        settings = self.settings
+        work = self.load(schema, task)
+        height, width = work.image.shape[-2:]
+        labels, skipped = annotation_to_labels(
+            existing_results(task, context), schema.class_index, width, height, controls=schema.control_kinds
+        )
+        for reason in skipped:
+            log.info("task %s: ignoring an existing region: %s", task.get("id"), reason)
+        labeled = torch.from_numpy(labels != IGNORE_INDEX)  # [h, w]
+        generator = torch.Generator().manual_seed(_task_seed(settings.seed, task))
+
+        if served.model is None:  # cold start: random pixels and regions, no prediction
+            probs = None
+            pixel_scores = torch.rand(height, width, generator=generator, dtype=torch.float64)
+            region_pixel_scores = None
+        else:
+            device = next(served.model.parameters()).device
+            moments = mc_moments(served.model, work.image.to(device), settings.mc_samples, generator=generator)[0]
+            moments = moments.map_spatial(lambda t: t.cpu())
+            probs = moments.mean  # [C, h, w]
+            pixel_scores = score_moments(
+                settings.acquisition, moments, budget=settings.points_per_task, candidates=~labeled, generator=generator
+            )
+            region_pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
+
+        results: list[dict] = []
+        point_scores: list[float] = []
+        keypoints = schema.control("keypoint")
+        if keypoints is not None and settings.points_per_task > 0:
+            coords = select_pixels(pixel_scores, settings.points_per_task, labeled)
+            for row, col in coords.tolist():
+                label = self._label_at(schema, keypoints.labels, probs, row, col)
+                value = float(pixel_scores[row, col])
+                point_scores.append(value)
+                region = keypoint_region(
+                    row, col, label=label, score=value, from_name=keypoints.name, to_name=schema.image_name,
+                    width=width, height=height,
+                )
+                # percent coordinates are the same at any resolution; Label Studio wants the shown size
+                region["original_height"], region["original_width"] = work.original_size
+                results.append(region)
+        region_scores = self._regions(served, schema, task, work, labeled, probs, region_pixel_scores, generator, results)
+        proposed = point_scores or region_scores
+        task_score = float(np.mean(proposed)) if proposed else 0.0
+        return {"result": results, "score": task_score, "model_version": served.name}
+
+    def _label_at(self, schema: LabelSchema, allowed: tuple[str, ...], probs, row: int, col: int) -> str:
+        if probs is None:
+            return allowed[0]
+        index = schema.class_index
+        column = probs[:, row, col]
+        return max(allowed, key=lambda name: float(column[index[name]]))
+
+    def _regions(self, served, schema, task, work, labeled, probs, pixel_scores, generator, results) -> list[float]:
+        control = schema.control("brush") or schema.control("polygon")
+        if control is None or self.settings.regions_per_task == 0:
+            return []
+        height, width = work.image.shape[-2:]
+        key = f"{task.get('data', {}).get(schema.image_key)}|{height}x{width}|{self.settings.superpixels}"
+        segments = self.superpixels.get(key, lambda: seeds_superpixels(to_uint8_rgb(work.image), self.settings.superpixels))
+        if pixel_scores is None:  # cold start: a random score per region
+            sums = torch.rand(int(segments.max()) + 1, generator=generator, dtype=torch.float64).numpy()
+        else:
+            sums = region_sums(pixel_scores, segments)
+        chosen = top_regions(sums, self.settings.regions_per_task, segments, labeled.numpy())
+        if not chosen:
+            return []
+        allowed = [schema.class_index[name] for name in control.labels]
+        if probs is None:
+            region_labels = {region: control.labels[0] for region in chosen}
+        else:
+            restricted = probs[allowed].argmax(0).numpy()  # [h, w] index into `allowed`
+            majority = majority_labels(restricted, segments, len(allowed))
+            region_labels = {region: control.labels[int(majority[region])] for region in chosen}
+        # regions are drawn at the size Label Studio shows the image
+        original_height, original_width = work.original_size
+        full_segments = cv2.resize(segments, (original_width, original_height), interpolation=cv2.INTER_NEAREST)
+        scores = []
+        for region in chosen:
+            mask = full_segments == region
+            score = float(sums[region])
+            maker = brush_region if control.kind == "brush" else polygon_region
+            result = maker(
+                mask, label=region_labels[region], score=score, from_name=control.name, to_name=schema.image_name
+            )
+            if result is not None:
+                results.append(result)
+                scores.append(score)
+        return scores

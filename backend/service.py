@@ -1,0 +1,177 @@
+"""The backend behind the HTTP routes, in Label Studio's familiar shape:
+``setup``, ``predict(tasks, context)`` and ``fit(event, data)``.
+
+One instance serves every project that connects; per project it keeps the label config,
+the served model version (``ModelStore``) and the training state (``Trainer``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+
+import torch
+
+from .config import Settings
+from .images import ImageFetcher
+from .label_config import LabelSchema, parse_label_config
+from .predictor import Predictor
+from .store import ModelStore
+from .trainer import ProjectSource, Trainer
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"}
+TRAINING_EVENTS = {"START_TRAINING"}
+# Sent by Label Studio to every connected backend, but nothing to do for this one.
+IGNORED_EVENTS = {
+    "TASKS_CREATED", "TASKS_DELETED", "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED",
+    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED",
+    "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED",
+}
+
+
+class BadRequest(ValueError):
+    """Input the backend cannot use; becomes an HTTP 4xx (`status`) with this message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def project_id(value) -> str:
+    """Label Studio names a project "<id>.<created-at>" in /setup and /predict, and {"id": ...} in webhooks."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.split(".")[0].isdigit():
+        return value.split(".")[0]
+    raise BadRequest(f"Missing or malformed project id: {value!r}.")
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"SEGAL_DEVICE={name} but no CUDA device is available; use SEGAL_DEVICE=cpu.")
+    return torch.device(name)
+
+
+class ActiveLearningBackend:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = choose_device(settings.device)
+        self.store = ModelStore(settings.model_dir, self.device)
+        self.fetcher = ImageFetcher(settings)
+        self.predictor = Predictor(settings, self.store, self.fetcher)
+        self.schemas: dict[str, LabelSchema] = {}
+        self.trainer = Trainer(settings, self.store, self.fetcher, ProjectSource(self._client), self.schemas)
+        self.started_at = time.time()
+        self._counters = {"predict_requests": 0, "predicted_tasks": 0, "webhooks": 0, "bad_requests": 0}
+        self._lock = threading.Lock()
+
+    # -- Label Studio API -----------------------------------------------------------------
+
+    def _client(self, project: str):
+        from label_studio_sdk import LabelStudio
+
+        if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+            raise RuntimeError(
+                "Training pulls annotations from Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY."
+            )
+        return LabelStudio(base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key)
+
+    def _adopt_credentials(self, hostname, access_token) -> None:
+        """Use the URL and token Label Studio sends in /setup when the environment gives none."""
+        changes = {}
+        if not self.settings.label_studio_url and isinstance(hostname, str) and hostname.startswith("http"):
+            changes["label_studio_url"] = hostname.rstrip("/")
+        if not self.settings.label_studio_api_key and isinstance(access_token, str) and access_token:
+            changes["label_studio_api_key"] = access_token
+        if changes:
+            log.info("using %s from Label Studio's /setup call", ", ".join(sorted(changes)))
+            self.settings = dataclasses.replace(self.settings, **changes)
+            self.fetcher.settings = self.settings
+            self.predictor.settings = self.settings
+            self.trainer.settings = self.settings
+
+    def count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counters[name] += amount
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    def setup(self, project, schema: str, hostname=None, access_token=None) -> dict:
+        pid = project_id(project)
+        try:
+            self.schemas[pid] = parse_label_config(schema)
+        except ValueError as error:
+            raise BadRequest(str(error)) from error
+        self._adopt_credentials(hostname, access_token)
+        return {"model_version": self.store.current(pid).name}
+
+    def schema_for(self, pid: str, label_config) -> LabelSchema:
+        if isinstance(label_config, str) and label_config.strip():
+            try:
+                schema = parse_label_config(label_config)
+            except ValueError as error:
+                raise BadRequest(str(error)) from error
+            self.schemas[pid] = schema
+            return schema
+        if pid in self.schemas:
+            return self.schemas[pid]
+        raise BadRequest("No label_config in the request and no /setup for this project yet.")
+
+    def predict(self, tasks: list[dict], context: dict | None = None, *, project, label_config=None) -> list[dict]:
+        pid = project_id(project)
+        schema = self.schema_for(pid, label_config)
+        results, errors = self.predictor.predict(pid, schema, tasks, context)
+        self.count("predict_requests")
+        self.count("predicted_tasks", len(tasks) - len(errors))
+        if tasks and len(errors) == len(tasks):
+            # nothing to show: say why instead of storing empty predictions (one bad task
+            # among good ones only gets an empty result and a log line)
+            raise BadRequest("No task could be predicted: " + "; ".join(errors[:5]), status=422)
+        return results
+
+    def fit(self, event: str, data: dict) -> dict:
+        self.count("webhooks")
+        if event in TRAINING_EVENTS:
+            pid = project_id(data.get("project"))
+            return {"status": "training", "project": pid, "training": self.trainer.request(pid, event)}
+        if event in ANNOTATION_EVENTS:
+            pid = project_id(data.get("project"))
+            started = self.trainer.note_annotation_change(pid)
+            return {"status": "training" if started else "noted", "project": pid}
+        if event in IGNORED_EVENTS:
+            return {"status": "ignored", "event": event}
+        raise BadRequest(
+            f"Unknown event {event!r}; this backend handles START_TRAINING and annotation events "
+            f"({', '.join(sorted(ANNOTATION_EVENTS))})."
+        )
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        training = self.trainer.states()
+        served = self.store.projects()
+        projects = {}
+        for pid in sorted(set(training) | set(served) | set(self.schemas)):
+            model = served.get(pid)
+            projects[pid] = {
+                "model_version": model.name if model else self.store.current(pid).name,
+                "classes": list(self.schemas[pid].classes) if pid in self.schemas else None,
+                "training": training.get(pid),
+            }
+        with self._lock:
+            counters = dict(self._counters)
+        return {
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "device": str(self.device),
+            "acquisition": self.settings.acquisition,
+            "projects": projects,
+            **counters,
+        }

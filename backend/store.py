@@ -1,0 +1,90 @@
+"""Model versions per project: ``<MODEL_DIR>/<project>/model-v<N>.pt``.
+
+Each finished training run writes a new version atomically (``model.checkpoint``); the
+highest version that loads is the one served, so a restart picks it up and a crash in the
+middle of a save never leaves a broken "latest". Version 0 means "not trained yet".
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.network import BayesianSegmenter
+
+log = logging.getLogger(__name__)
+_VERSION_FILE = re.compile(r"^model-v(\d+)\.pt$")
+
+
+@dataclass
+class ServedModel:
+    model: BayesianSegmenter | None  # None before the first training
+    version: int
+    classes: tuple[str, ...]
+    extra: dict
+
+    @property
+    def name(self) -> str:
+        return f"segal-v{self.version}" if self.version else "segal-v0-untrained"
+
+
+class ModelStore:
+    def __init__(self, model_dir: Path, device: torch.device):
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self._served: dict[str, ServedModel] = {}
+        self._lock = threading.Lock()
+
+    def project_dir(self, project: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", project) or project.startswith("."):
+            raise ValueError(f"Invalid project id {project!r}.")
+        return self.model_dir / project
+
+    def versions(self, project: str) -> list[int]:
+        folder = self.project_dir(project)
+        if not folder.is_dir():
+            return []
+        found = (_VERSION_FILE.match(path.name) for path in folder.iterdir())
+        return sorted(int(match.group(1)) for match in found if match)
+
+    def current(self, project: str) -> ServedModel:
+        """The served model of a project, loading the newest good checkpoint on first use."""
+        with self._lock:
+            served = self._served.get(project)
+            if served is None:
+                served = self._load_latest(project)
+                self._served[project] = served
+            return served
+
+    def _load_latest(self, project: str) -> ServedModel:
+        for version in reversed(self.versions(project)):
+            path = self.project_dir(project) / f"model-v{version}.pt"
+            try:
+                model, meta = load_checkpoint(path, map_location=self.device)
+            except (ValueError, OSError) as error:
+                log.error("project %s: skipping unreadable checkpoint %s: %s", project, path, error)
+                continue
+            log.info("project %s: serving %s", project, path)
+            return ServedModel(model.eval(), version, tuple(meta["class_names"]), meta.get("extra", {}))
+        return ServedModel(None, 0, (), {})
+
+    def publish(self, project: str, model: BayesianSegmenter, classes: tuple[str, ...], extra: dict) -> ServedModel:
+        """Save `model` as the next version and serve it from now on."""
+        with self._lock:
+            existing = self.versions(project)
+            version = (existing[-1] if existing else 0) + 1
+            path = self.project_dir(project) / f"model-v{version}.pt"
+            save_checkpoint(path, model, class_names=list(classes), version=version, extra=extra)
+            served = ServedModel(model.eval(), version, tuple(classes), extra)
+            self._served[project] = served
+            return served
+
+    def projects(self) -> dict[str, ServedModel]:
+        with self._lock:
+            return dict(self._served)

@@ -1,0 +1,261 @@
+"""Training jobs: pull every annotation of a project, train on the sparse labels, publish.
+
+One job per project at a time, in a background thread, so /webhook answers at once
+(Label Studio waits 1 s). A request that arrives while a job runs is remembered, and
+all such requests become one follow-up run (with the annotations as they are then).
+A failed job leaves the previous version serving; its error is kept for /health.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from model.data import IGNORE_INDEX
+from model.network import ModelConfig, build_model
+from model.training import TrainConfig, train
+
+from .config import Settings
+from .convert import annotation_to_labels
+from .images import ImageFetcher, ImageFetchError
+from .label_config import LabelSchema, parse_label_config
+from .predictor import working_resolution
+from .store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingState:
+    status: str = "idle"  # idle | running | succeeded | failed
+    reason: str = ""  # what asked for the current / last run
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    images: int = 0
+    labeled_pixels: int = 0
+    skipped_regions: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    version: int = 0  # the version the last successful run published
+    runs: int = 0
+    follow_up_queued: bool = False
+    annotations_since_training: int = 0
+
+    def snapshot(self) -> dict:
+        return asdict(self)
+
+
+class ProjectSource:
+    """Where a project's label config and annotations come from (Label Studio's API)."""
+
+    def __init__(self, client_factory: Callable[[str], object]):
+        self.client_factory = client_factory
+
+    def label_config(self, project: str) -> str:
+        return self.client_factory(project).projects.get(id=int(project)).label_config
+
+    def annotated_tasks(self, project: str) -> list[dict]:
+        client = self.client_factory(project)
+        tasks = []
+        for task in client.tasks.list(project=int(project), fields="all", only_annotated=True):
+            tasks.append(task.model_dump() if hasattr(task, "model_dump") else dict(task))
+        return tasks
+
+
+@dataclass
+class _Project:
+    state: TrainingState = field(default_factory=TrainingState)
+    thread: threading.Thread | None = None
+    pending: bool = False
+
+
+class Trainer:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        fetcher: ImageFetcher,
+        source: ProjectSource,
+        schemas: dict[str, LabelSchema],
+    ):
+        self.settings = settings
+        self.store = store
+        self.fetcher = fetcher
+        self.source = source
+        self.schemas = schemas  # label configs seen in /setup and /predict, by project
+        self._projects: dict[str, _Project] = {}
+        self._lock = threading.Lock()
+
+    def _project(self, project: str) -> _Project:
+        return self._projects.setdefault(project, _Project())
+
+    def request(self, project: str, reason: str) -> dict:
+        """Start a run now, or queue one follow-up if a run is going."""
+        with self._lock:
+            entry = self._project(project)
+            if entry.thread is not None and entry.thread.is_alive():
+                entry.pending = True
+                entry.state.follow_up_queued = True
+                log.info("project %s: training already running; one follow-up run queued (%s)", project, reason)
+                return entry.state.snapshot()
+            entry.state.reason = reason
+            entry.thread = threading.Thread(target=self._loop, args=(project,), name=f"train-{project}", daemon=True)
+            entry.state.status = "running"
+            entry.thread.start()
+            return entry.state.snapshot()
+
+    def note_annotation_change(self, project: str) -> bool:
+        """Count an annotation event; start training every SEGAL_TRAIN_EVERY of them."""
+        with self._lock:
+            state = self._project(project).state
+            state.annotations_since_training += 1
+            due = self.settings.train_every > 0 and state.annotations_since_training >= self.settings.train_every
+        if due:
+            self.request(project, f"{self.settings.train_every} new annotation events")
+        return due
+
+    def states(self) -> dict[str, dict]:
+        with self._lock:
+            return {project: entry.state.snapshot() for project, entry in self._projects.items()}
+
+    def wait(self, project: str, timeout: float | None = None) -> None:
+        """Block until the project's current run (and its follow-up) ends; for tests and shutdown."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                thread = self._project(project).thread
+            if thread is None or not thread.is_alive():
+                return
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+
+    def _loop(self, project: str) -> None:
+        while True:
+            self._run_once(project)
+            with self._lock:
+                entry = self._project(project)
+                if not entry.pending:
+                    return
+                entry.pending = False
+                entry.state.follow_up_queued = False
+                entry.state.reason = "follow-up of requests made during the last run"
+                entry.state.status = "running"
+
+    def _run_once(self, project: str) -> None:
+        state = self._project(project).state
+        with self._lock:
+            state.started_at, state.finished_at, state.error = time.time(), None, None
+            state.step, state.total_steps, state.loss = 0, self.settings.train_steps, None
+            state.annotations_since_training = 0
+            state.runs += 1
+        try:
+            version = self.train_once(project, state)
+        except Exception as error:  # noqa: BLE001 - a failed run must never take the server down
+            log.exception("project %s: training failed; the previous model keeps serving", project)
+            with self._lock:
+                state.status, state.error, state.finished_at = "failed", f"{type(error).__name__}: {error}", time.time()
+            return
+        with self._lock:
+            state.status, state.version, state.finished_at = "succeeded", version, time.time()
+
+    def _schema(self, project: str) -> LabelSchema:
+        try:
+            schema = parse_label_config(self.source.label_config(project))
+            self.schemas[project] = schema
+            return schema
+        except Exception as error:  # noqa: BLE001 - fall back to the config seen in /setup
+            if project in self.schemas:
+                log.warning("project %s: could not read the label config (%s); using the one from /setup", project, error)
+                return self.schemas[project]
+            raise
+
+    def collect(self, project: str, schema: LabelSchema) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """(image, sparse labels) per annotated task at the working resolution; skipped-region count."""
+        samples, skipped_total = [], 0
+        for task in self.source.annotated_tasks(project):
+            annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+            if not annotations:
+                continue
+            try:
+                image = working_resolution(self.fetcher.fetch(task["data"][schema.image_key]), self.settings.max_side)
+            except (ImageFetchError, KeyError, TypeError) as error:
+                log.warning("project %s task %s: skipped for training: %s", project, task.get("id"), error)
+                continue
+            height, width = image.shape[-2:]
+            merged = np.full((height, width), IGNORE_INDEX, dtype=np.int64)
+            # several annotators: paint in update order, the newest statement wins where they overlap
+            for annotation in sorted(annotations, key=lambda a: str(a.get("updated_at") or a.get("created_at") or "")):
+                labels, skipped = annotation_to_labels(
+                    annotation.get("result") or [], schema.class_index, width, height, controls=schema.control_kinds
+                )
+                for reason in skipped:
+                    log.warning("project %s task %s: region skipped: %s", project, task.get("id"), reason)
+                skipped_total += len(skipped)
+                merged = np.where(labels != IGNORE_INDEX, labels, merged)
+            if (merged != IGNORE_INDEX).any():
+                samples.append((image, torch.from_numpy(merged)))
+        return samples, skipped_total
+
+    def train_once(self, project: str, state: TrainingState) -> int:
+        settings = self.settings
+        schema = self._schema(project)
+        samples, skipped = self.collect(project, schema)
+        if not samples:
+            raise ValueError("no usable annotation yet: label some points or regions, then start training again")
+        with self._lock:
+            state.images = len(samples)
+            state.labeled_pixels = int(sum(int((labels != IGNORE_INDEX).sum()) for _, labels in samples))
+            state.skipped_regions = skipped
+        model = build_model(
+            ModelConfig(
+                num_classes=len(schema.classes),
+                arch=settings.arch,
+                encoder=settings.encoder,
+                encoder_weights=settings.encoder_weights,
+                dropout=settings.dropout,
+            )
+        )
+        served = self.store.current(project)
+        if served.model is not None and served.classes == schema.classes:
+            model.load_state_dict(served.model.state_dict())  # continue from the served version
+        model.to(self.store.device)
+        crop = (
+            min(settings.train_crop, max(image.shape[-2] for image, _ in samples)),
+            min(settings.train_crop, max(image.shape[-1] for image, _ in samples)),
+        )
+        config = TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch_size, crop_size=crop, seed=settings.seed)
+        log.info(
+            "project %s: training on %d images, %d labeled pixels, %d steps",
+            project, state.images, state.labeled_pixels, config.steps,
+        )
+
+        def progress(step: int, total: int, loss: float) -> None:
+            with self._lock:
+                state.step, state.total_steps, state.loss = step, total, loss
+            if step % 10 == 0 or step == total:
+                log.info("project %s: step %d/%d loss %.4f", project, step, total, loss)
+
+        result = train(model, samples, config, progress)
+        served = self.store.publish(
+            project,
+            model,
+            schema.classes,
+            extra={
+                "images": state.images,
+                "labeled_pixels": state.labeled_pixels,
+                "steps": result.steps,
+                "final_loss": result.losses[-1] if result.losses else None,
+                "seconds": round(result.seconds, 1),
+            },
+        )
+        log.info("project %s: published %s (%.0f s)", project, served.name, result.seconds)
+        return served.version
