@@ -41,8 +41,9 @@ class LabelSchema:
         return {name: index for index, name in enumerate(self.classes)}
 
     @property
-    def control_kinds(self) -> dict[str, str]:
-        return {c.name: c.kind for c in self.controls}
+    def result_types(self) -> dict[str, str]:
+        """from_name -> the result ``type`` that control produces ("keypointlabels", ...)."""
+        return {c.name: f"{c.kind}labels" for c in self.controls}
 
 
 def parse_label_config(config: str) -> LabelSchema:

@@ -125,7 +125,7 @@ class Predictor:
         work = self.load(schema, task)
         height, width = work.image.shape[-2:]
         labels, skipped = annotation_to_labels(
-            existing_results(task, context), schema.class_index, width, height, controls=schema.control_kinds
+            existing_results(task, context), schema.class_index, width, height, controls=schema.result_types
         )
         for reason in skipped:
             log.info("task %s: ignoring an existing region: %s", task.get("id"), reason)

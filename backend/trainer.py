@@ -195,7 +195,7 @@ class Trainer:
             # several annotators: paint in update order, the newest statement wins where they overlap
             for annotation in sorted(annotations, key=lambda a: str(a.get("updated_at") or a.get("created_at") or "")):
                 labels, skipped = annotation_to_labels(
-                    annotation.get("result") or [], schema.class_index, width, height, controls=schema.control_kinds
+                    annotation.get("result") or [], schema.class_index, width, height, controls=schema.result_types
                 )
                 for reason in skipped:
                     log.warning("project %s task %s: region skipped: %s", project, task.get("id"), reason)

@@ -1,0 +1,236 @@
+"""The backend's protocol app on real CamVid images and a real network (no Label Studio here;
+tests/test_e2e_label_studio.py runs the same app against a real one)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from backend.app import create_app
+from backend.config import ConfigError, Settings
+from backend.convert import brush_mask, percent_to_pixel, polygon_mask
+from backend.label_config import LabelConfigError, parse_label_config
+from backend.service import ActiveLearningBackend
+from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
+from model.network import ModelConfig, build_model
+from model.training import TrainConfig, train
+
+IMAGES = ["0001TP_006690.png", "0001TP_006720.png"]
+CLASSES = list(CAMVID_CLASSES)
+
+
+def label_config(*controls: str) -> str:
+    labels = "".join(f'<Label value="{name}"/>' for name in CLASSES)
+    body = "".join(f'<{tag} name="{tag.lower()}" toName="image">{labels}</{tag}>' for tag in controls)
+    return f'<View><Image name="image" value="$image"/>{body}</View>'
+
+
+FULL_CONFIG = label_config("KeyPointLabels", "BrushLabels", "PolygonLabels")
+
+
+@pytest.fixture(scope="module")
+def image_server(camvid_dir):
+    """CamVid served over real HTTP on loopback."""
+    handler = functools.partial(_QuietHandler, directory=str(camvid_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def make_settings(tmp_path, **env) -> Settings:
+    base = {"MODEL_DIR": str(tmp_path / "models"), "SEGAL_ALLOWED_HOSTS": "127.0.0.1", "SEGAL_SUPERPIXELS": "150"}
+    return Settings.from_env({**base, **{k: str(v) for k, v in env.items()}})
+
+
+def tasks_for(image_server, annotations=None):
+    return [
+        {"id": index + 1, "data": {"image": f"{image_server}/train/{name}"}, "annotations": (annotations or {}).get(index, [])}
+        for index, name in enumerate(IMAGES)
+    ]
+
+
+def test_health_setup_and_config_errors(tmp_path):
+    client = create_app(make_settings(tmp_path)).test_client()
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json["status"] == "UP"
+    setup = client.post("/setup", json={"project": "7.1700000000", "schema": FULL_CONFIG})
+    assert setup.status_code == 200 and setup.json["model_version"] == "segal-v0-untrained"
+    choices = '<View><Image name="i" value="$image"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>'
+    refused = client.post("/setup", json={"project": "7.1", "schema": choices})
+    assert refused.status_code == 400 and "KeyPointLabels" in refused.json["error"]
+    assert client.post("/setup", json={"project": "7.1"}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "path, body, message",
+    [
+        ("/webhook", "{not json", "JSON object"),
+        ("/webhook", {"project": {"id": 1}}, "action"),
+        ("/webhook", {"action": "SOMETHING_NEW", "project": {"id": 1}}, "Unknown event"),
+        ("/webhook", {"action": "START_TRAINING"}, "project id"),
+        ("/predict", {"tasks": "x", "project": "1.1"}, "list of task objects"),
+        ("/predict", {"tasks": [], "project": "1.1"}, "label_config"),
+        ("/predict", {"tasks": [], "project": "one", "label_config": FULL_CONFIG}, "project id"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(tmp_path, path, body, message):
+    client = create_app(make_settings(tmp_path)).test_client()
+    if isinstance(body, str):
+        response = client.post(path, data=body, content_type="application/json")
+    else:
+        response = client.post(path, json=body)
+    assert response.status_code == 400
+    assert message in response.json["error"]
+
+
+def test_events_without_work_are_acknowledged(tmp_path):
+    client = create_app(make_settings(tmp_path)).test_client()
+    response = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3}})
+    assert response.status_code == 200 and response.json["status"] == "ignored"
+    noted = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {}})
+    assert noted.status_code == 200 and noted.json["status"] == "noted"  # SEGAL_TRAIN_EVERY is off
+
+
+def test_basic_auth_guards_every_route(tmp_path):
+    client = create_app(make_settings(tmp_path, BASIC_AUTH_USER="ann", BASIC_AUTH_PASS="s3cret")).test_client()
+    assert client.get("/health").status_code == 401
+    assert client.get("/health", auth=("ann", "wrong")).status_code == 401
+    assert client.get("/health", auth=("ann", "s3cret")).status_code == 200
+
+
+def test_settings_and_label_config_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="SEGAL_POINTS_PER_TASK"):
+        Settings.from_env({"SEGAL_POINTS_PER_TASK": "many"})
+    with pytest.raises(ConfigError, match="SEGAL_ACQUISITION"):
+        Settings.from_env({"SEGAL_ACQUISITION": "variance"})
+    with pytest.raises(ConfigError, match="BASIC_AUTH_PASS"):
+        Settings.from_env({"BASIC_AUTH_USER": "ann"})
+    with pytest.raises(ConfigError, match="LABEL_STUDIO_URL"):
+        Settings.from_env({"LABEL_STUDIO_URL": "localhost:8080"})
+    with pytest.raises(LabelConfigError, match="not valid XML"):
+        parse_label_config("<View><Image")
+    schema = parse_label_config(
+        '<View><Image name="img" value="$photo"/>'
+        '<BrushLabels name="b" toName="img"><Label value="Road"/><Label value="Car"/></BrushLabels>'
+        '<KeyPointLabels name="k" toName="img"><Label value="Sky"/><Label value="Road"/></KeyPointLabels></View>'
+    )
+    assert schema.classes == ("Road", "Car", "Sky") and schema.image_key == "photo"
+
+
+def kinds(result):
+    return [region["type"] for region in result["result"]]
+
+
+def test_cold_start_proposes_random_points_and_regions_avoiding_labels(tmp_path, image_server, camvid_dir):
+    settings = make_settings(tmp_path, SEGAL_POINTS_PER_TASK=6, SEGAL_REGIONS_PER_TASK=4)
+    client = create_app(settings).test_client()
+    # the first image already has a labeled brush region (the sky of the ground truth) and a click
+    truth = SegmentationFolder(camvid_dir, "train").__getitem__(0)[1].numpy()
+    from backend.convert import brush_region, keypoint_region
+
+    sky = truth == CLASSES.index("Sky")
+    existing = [
+        brush_region(sky, label="Sky", score=1.0, from_name="brushlabels", to_name="image"),
+        keypoint_region(200, 100, label="Road", score=1.0, from_name="keypointlabels", to_name="image", width=480, height=360),
+    ]
+    tasks = tasks_for(image_server, {0: [{"result": existing, "was_cancelled": False}]})
+    response = client.post("/predict", json={"tasks": tasks, "project": "5.1", "label_config": FULL_CONFIG})
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert len(results) == 2
+    for result in results:
+        assert kinds(result).count("keypointlabels") == 6
+        assert kinds(result).count("brushlabels") == 4  # brush preferred over polygons when both exist
+        assert result["model_version"] == "segal-v0-untrained"
+        assert 0.0 <= result["score"] <= 1.0
+        for region in result["result"]:
+            assert region["to_name"] == "image" and np.isfinite(region["score"])
+            assert region["original_width"] == 480 and region["original_height"] == 360
+    labeled = sky.copy()
+    labeled[200, 100] = True
+    for region in results[0]["result"]:
+        if region["type"] == "keypointlabels":
+            row, col = percent_to_pixel(region["value"]["x"], region["value"]["y"], 480, 360)
+            assert not labeled[row, col], "a proposed point lies on an already labeled pixel"
+        else:
+            mask = brush_mask(region["value"], 480, 360)
+            assert (mask & labeled).sum() <= 0.5 * mask.sum(), "a proposed region is mostly labeled already"
+    # a polygon-only config gets polygons
+    polygons = client.post(
+        "/predict", json={"tasks": tasks[1:], "project": "5.1", "label_config": label_config("PolygonLabels")}
+    ).json["results"][0]
+    assert kinds(polygons) == ["polygonlabels"] * 4
+    assert all(polygon_mask(r["value"]["points"], 480, 360).any() for r in polygons["result"])
+
+
+def test_unreachable_or_refused_images_are_reported(tmp_path, image_server):
+    client = create_app(make_settings(tmp_path)).test_client()
+    refused = [{"id": 1, "data": {"image": "http://192.0.2.1/x.png"}}]
+    response = client.post("/predict", json={"tasks": refused, "project": "2.1", "label_config": FULL_CONFIG})
+    assert response.status_code == 422 and "SEGAL_ALLOWED_HOSTS" in response.json["error"]
+    missing = [{"id": 2, "data": {"image": f"{image_server}/train/no_such_file.png"}}]
+    response = client.post("/predict", json={"tasks": missing, "project": "2.1", "label_config": FULL_CONFIG})
+    assert response.status_code == 422 and "404" in response.json["error"]
+    corrupt = [{"id": 3, "data": {"image": f"{image_server}/README.md"}}]
+    response = client.post("/predict", json={"tasks": corrupt, "project": "2.1", "label_config": FULL_CONFIG})
+    assert response.status_code == 422 and "not a readable image" in response.json["error"]
+    # one bad task among good ones: an empty result for it, predictions for the rest
+    mixed = refused + tasks_for(image_server)[:1]
+    results = client.post("/predict", json={"tasks": mixed, "project": "2.1", "label_config": FULL_CONFIG}).json["results"]
+    assert results[0]["result"] == [] and len(results[1]["result"]) > 0
+    no_image = client.post("/predict", json={"tasks": [{"id": 4, "data": {}}], "project": "2.1", "label_config": FULL_CONFIG})
+    assert no_image.status_code == 422 and "data.image" in no_image.json["error"]
+
+
+@pytest.fixture(scope="module")
+def trained_model(camvid_dir):
+    """A real model trained briefly on sparse ground-truth clicks of the two test images."""
+    folder = SegmentationFolder(camvid_dir, "train")
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for name in IMAGES:
+        image, dense = folder[folder.names.index(name)]
+        valid = torch.nonzero((dense != IGNORE_INDEX).reshape(-1)).squeeze(1)
+        chosen = valid[torch.randperm(valid.numel(), generator=generator)[:200]]
+        sparse = torch.full_like(dense, IGNORE_INDEX).reshape(-1)
+        sparse[chosen] = dense.reshape(-1)[chosen]
+        samples.append((image, sparse.reshape(dense.shape)))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_classes=len(CLASSES)))
+    train(model, samples, TrainConfig(steps=8, batch_size=2, crop_size=(256, 256)))
+    return model
+
+
+def test_trained_model_serves_versioned_balent_points(tmp_path, image_server, trained_model):
+    settings = make_settings(tmp_path, SEGAL_MC_SAMPLES=8)
+    backend = ActiveLearningBackend(settings)
+    backend.store.publish("9", trained_model, tuple(CLASSES), extra={})
+    client = create_app(settings, backend).test_client()
+    assert client.post("/setup", json={"project": "9.1", "schema": FULL_CONFIG}).json["model_version"] == "segal-v1"
+    results = client.post(
+        "/predict", json={"tasks": tasks_for(image_server), "project": "9.1", "label_config": FULL_CONFIG}
+    ).json["results"]
+    for result in results:
+        assert result["model_version"] == "segal-v1"
+        points = [r for r in result["result"] if r["type"] == "keypointlabels"]
+        scores = [p["score"] for p in points]
+        assert len(points) == 5 and scores == sorted(scores, reverse=True)
+        assert result["score"] == pytest.approx(np.mean(scores))
+        assert all(p["value"]["keypointlabels"][0] in CLASSES for p in points)
+    # a restart serves the newest checkpoint that loads; a broken newest one is skipped
+    backend.store.publish("9", trained_model, tuple(CLASSES), extra={})
+    (settings.model_dir / "9" / "model-v2.pt").write_bytes(b"truncated")
+    restarted = ActiveLearningBackend(settings)
+    assert restarted.store.current("9").name == "segal-v1"

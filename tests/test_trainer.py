@@ -1,0 +1,121 @@
+"""Training jobs: background runs, coalescing, failures, what counts as a label.
+
+The annotations come from an in-memory project source (the data Label Studio's API would
+return); the images come over real HTTP, the training is real. The same jobs run against
+a real Label Studio in tests/test_e2e_label_studio.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backend.convert import keypoint_region
+from backend.label_config import parse_label_config
+from backend.service import ActiveLearningBackend
+from backend.trainer import ProjectSource
+from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
+
+from test_backend import FULL_CONFIG, IMAGES, image_server, make_settings  # noqa: F401 - fixture
+
+CLASSES = list(CAMVID_CLASSES)
+
+
+class InMemorySource(ProjectSource):
+    """A project as Label Studio's API returns it: config and tasks with annotations."""
+
+    def __init__(self, tasks):
+        super().__init__(client_factory=None)
+        self.tasks = tasks
+
+    def label_config(self, project):
+        return FULL_CONFIG
+
+    def annotated_tasks(self, project):
+        return self.tasks
+
+
+def clicks(camvid_dir, name, count, seed, cancelled=False):
+    """An annotation of `count` ground-truth keypoints on one CamVid image."""
+    folder = SegmentationFolder(camvid_dir, "train")
+    dense = folder[folder.names.index(name)][1].numpy()
+    rng = np.random.default_rng(seed)
+    rows, cols = np.nonzero(dense != IGNORE_INDEX)
+    picks = rng.choice(len(rows), count, replace=False)
+    result = [
+        keypoint_region(int(rows[i]), int(cols[i]), label=CLASSES[dense[rows[i], cols[i]]], score=1.0,
+                        from_name="keypointlabels", to_name="image", width=480, height=360)
+        for i in picks
+    ]
+    return {"result": result, "was_cancelled": cancelled, "updated_at": f"2026-01-0{seed % 9 + 1}"}
+
+
+def backend_with(tmp_path, tasks, **env):
+    settings = make_settings(
+        tmp_path, SEGAL_TRAIN_STEPS=2, SEGAL_TRAIN_BATCH_SIZE=2, SEGAL_TRAIN_CROP=128, SEGAL_MAX_SIDE=240, **env
+    )
+    backend = ActiveLearningBackend(settings)
+    backend.trainer.source = InMemorySource(tasks)
+    return backend
+
+
+def test_requests_during_a_run_become_one_follow_up(tmp_path, image_server, camvid_dir):
+    tasks = [{"id": 1, "data": {"image": f"{image_server}/train/{IMAGES[0]}"}, "annotations": [clicks(camvid_dir, IMAGES[0], 20, 1)]}]
+    backend = backend_with(tmp_path, tasks)
+    first = backend.fit("START_TRAINING", {"project": {"id": 4}})
+    assert first["status"] == "training" and first["training"]["status"] == "running"
+    for _ in range(3):  # arrive while the first run is going
+        backend.fit("START_TRAINING", {"project": {"id": 4}})
+    backend.trainer.wait("4", timeout=300)
+    state = backend.trainer.states()["4"]
+    assert state["status"] == "succeeded", state["error"]
+    assert state["runs"] == 2 and state["version"] == 2 and not state["follow_up_queued"]
+    assert state["labeled_pixels"] == 20 and state["step"] == state["total_steps"] == 2
+    assert backend.store.current("4").name == "segal-v2"
+    assert sorted(p.name for p in (tmp_path / "models" / "4").iterdir()) == ["model-v1.pt", "model-v2.pt"]
+
+
+def test_a_failed_run_keeps_the_previous_version_serving(tmp_path, image_server, camvid_dir):
+    tasks = [{"id": 1, "data": {"image": f"{image_server}/train/{IMAGES[0]}"}, "annotations": [clicks(camvid_dir, IMAGES[0], 10, 2)]}]
+    backend = backend_with(tmp_path, tasks)
+    backend.fit("START_TRAINING", {"project": {"id": 6}})
+    backend.trainer.wait("6", timeout=300)
+    assert backend.store.current("6").version == 1
+    backend.trainer.source.tasks = [{"id": 1, "data": {"image": f"{image_server}/train/{IMAGES[0]}"}, "annotations": []}]
+    backend.fit("START_TRAINING", {"project": {"id": 6}})
+    backend.trainer.wait("6", timeout=300)
+    state = backend.trainer.states()["6"]
+    assert state["status"] == "failed" and "no usable annotation" in state["error"]
+    assert backend.store.current("6").name == "segal-v1"
+    assert backend.status()["projects"]["6"]["training"]["status"] == "failed"
+
+
+def test_cancelled_annotations_and_broken_regions_do_not_train(tmp_path, image_server, camvid_dir):
+    good = clicks(camvid_dir, IMAGES[0], 15, 3)
+    broken = {"from_name": "keypointlabels", "to_name": "image", "type": "keypointlabels",
+              "value": {"x": 150.0, "y": 20.0, "keypointlabels": ["Road"]}}
+    unknown = {"from_name": "keypointlabels", "to_name": "image", "type": "keypointlabels",
+               "value": {"x": 10.0, "y": 20.0, "keypointlabels": ["Unicorn"]}}
+    good["result"] += [broken, unknown]
+    tasks = [
+        {"id": 1, "data": {"image": f"{image_server}/train/{IMAGES[0]}"}, "annotations": [good]},
+        {"id": 2, "data": {"image": f"{image_server}/train/{IMAGES[1]}"},
+         "annotations": [clicks(camvid_dir, IMAGES[1], 30, 4, cancelled=True)]},
+        {"id": 3, "data": {"image": "http://192.0.2.1/unreachable.png"}, "annotations": [clicks(camvid_dir, IMAGES[1], 5, 5)]},
+    ]
+    backend = backend_with(tmp_path, tasks)
+    samples, skipped = backend.trainer.collect("8", parse_label_config(FULL_CONFIG))
+    assert len(samples) == 1 and skipped == 2
+    image, labels = samples[0]
+    assert image.shape[-2:] == (180, 240)  # SEGAL_MAX_SIDE=240 working resolution
+    assert int((labels != IGNORE_INDEX).sum()) <= 15 and labels.dtype == torch.int64
+
+
+def test_train_every_n_annotation_events(tmp_path, image_server, camvid_dir):
+    tasks = [{"id": 1, "data": {"image": f"{image_server}/train/{IMAGES[0]}"}, "annotations": [clicks(camvid_dir, IMAGES[0], 10, 6)]}]
+    backend = backend_with(tmp_path, tasks, SEGAL_TRAIN_EVERY=2)
+    assert backend.fit("ANNOTATION_CREATED", {"project": {"id": 2}})["status"] == "noted"
+    assert backend.fit("ANNOTATION_UPDATED", {"project": {"id": 2}})["status"] == "training"
+    backend.trainer.wait("2", timeout=300)
+    assert backend.trainer.states()["2"]["status"] == "succeeded"
+    assert backend.trainer.states()["2"]["annotations_since_training"] == 0
