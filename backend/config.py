@@ -8,6 +8,7 @@ clearly, instead of on the first request.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -95,16 +96,10 @@ class Settings:
             allowed_hosts=tuple(h.strip().lower() for h in env.get("SEGAL_ALLOWED_HOSTS", "").split(",") if h.strip()),
         )
         if settings.encoder_weights == "none":
-            settings = _replace(settings, encoder_weights=None)
+            settings = dataclasses.replace(settings, encoder_weights=None)
         if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
             raise ConfigError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
         return settings
-
-
-def _replace(settings: Settings, **changes) -> Settings:
-    import dataclasses
-
-    return dataclasses.replace(settings, **changes)
 
 
 class _Reader:
