@@ -278,7 +278,7 @@ def polygon_mask(points: Iterable[Iterable[float]], width: int, height: int) -> 
     rows = first[edge] + np.arange(len(edge)) - np.repeat(np.cumsum(spans) - spans, spans)  # [K]
     t = (rows + 0.5 - y0[edge]) / (y1[edge] - y0[edge])  # [K]
     crossing = x0[edge] + t * (x1[edge] - x0[edge])  # [K] pixel x where the edge meets the center line
-    cols = np.clip(np.round(crossing), 0, width).astype(np.int64)  # [K] first center at/after it
+    cols = np.clip(np.ceil(crossing - 0.5), 0, width).astype(np.int64)  # [K] first center at/after it
     toggles = np.zeros((height, width + 1), dtype=np.int64)  # column W collects crossings right of the image
     np.add.at(toggles, (rows, cols), 1)
     return np.cumsum(toggles[:, :width], axis=1) % 2 == 1
@@ -303,7 +303,7 @@ def _single_label(value: Mapping, kind: str, class_index: Mapping[str, int]) -> 
         count = len(labels) if isinstance(labels, list) else 0
         raise _Skip(f"has {count} labels; a region must carry exactly one")
     label = labels[0]
-    if label not in class_index:
+    if not isinstance(label, str) or label not in class_index:
         raise _Skip(f"unknown label {label!r} (known: {', '.join(map(str, class_index))})")
     return class_index[label]
 
@@ -393,14 +393,15 @@ def annotation_to_labels(
             if not isinstance(kind, str):
                 raise _Skip("has no 'type'")
             if kind not in SUPPORTED_TYPES:
-                raise _Skip(f"type {kind!r} is not supported (only {', '.join(PAINT_ORDER)})" if kind.endswith(
-                    "labels") else "")
+                labeled = kind.endswith("labels")  # a labeled shape we cannot paint deserves a reason
+                raise _Skip(f"type {kind!r} is not supported (only {', '.join(PAINT_ORDER)})" if labeled else "")
             if controls is not None:
-                control = controls.get(result.get("from_name"))
+                from_name = result.get("from_name")
+                control = controls.get(from_name) if isinstance(from_name, str) else None
                 if control is None:
                     raise _Skip("")
                 if control != kind:
-                    raise _Skip(f"control {result.get('from_name')!r} should give {control!r} results")
+                    raise _Skip(f"control {from_name!r} should give {control!r} results")
             if result.get("image_rotation") not in (None, 0):
                 raise _Skip(f"image rotated by {result.get('image_rotation')} degrees; rotation is not supported")
             if not isinstance(result.get("value"), Mapping):

@@ -201,6 +201,8 @@ class Predictor:
         scores = []
         for region in chosen:
             mask = full_segments == region
+            if not mask.any():  # cannot happen when upscaling; guards odd aspect ratios
+                continue
             score = float(sums[region])
             maker = brush_region if control.kind == "brush" else polygon_region
             result = maker(
