@@ -3,10 +3,6 @@ tests/test_e2e_label_studio.py runs the same app against a real one)."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -31,22 +27,6 @@ def label_config(*controls: str) -> str:
 
 
 FULL_CONFIG = label_config("KeyPointLabels", "BrushLabels", "PolygonLabels")
-
-
-@pytest.fixture(scope="module")
-def image_server(camvid_dir):
-    """CamVid served over real HTTP on loopback."""
-    handler = functools.partial(_QuietHandler, directory=str(camvid_dir))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 def make_settings(tmp_path, **env) -> Settings:

@@ -16,7 +16,7 @@ from backend.service import ActiveLearningBackend
 from backend.trainer import ProjectSource
 from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
 
-from test_backend import FULL_CONFIG, IMAGES, image_server, make_settings  # noqa: F401 - fixture
+from test_backend import FULL_CONFIG, IMAGES, make_settings
 
 CLASSES = list(CAMVID_CLASSES)
 
