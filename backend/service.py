@@ -70,8 +70,18 @@ class ActiveLearningBackend:
         self.schemas: dict[str, LabelSchema] = {}
         self.trainer = Trainer(settings, self.store, self.fetcher, ProjectSource(self._client), self.schemas)
         self.started_at = time.time()
+        # load the newest checkpoint of every project in the background, so that a restart is
+        # ready to serve without making the first request wait for it
+        threading.Thread(target=self._preload, name="preload-models", daemon=True).start()
         self._counters = {"predict_requests": 0, "predicted_tasks": 0, "webhooks": 0, "bad_requests": 0}
         self._lock = threading.Lock()
+
+    def _preload(self) -> None:
+        for project in self.store.stored_projects():
+            try:
+                self.store.current(project)
+            except Exception:  # noqa: BLE001 - a bad project dir must not stop the others
+                log.exception("project %s: could not load its models", project)
 
     # -- Label Studio API -----------------------------------------------------------------
 
@@ -111,7 +121,7 @@ class ActiveLearningBackend:
         except ValueError as error:
             raise BadRequest(str(error)) from error
         self._adopt_credentials(hostname, access_token)
-        return {"model_version": self.store.current(pid).name}
+        return {"model_version": self.store.current_name(pid)}
 
     def schema_for(self, pid: str, label_config) -> LabelSchema:
         if isinstance(label_config, str) and label_config.strip():
@@ -162,7 +172,7 @@ class ActiveLearningBackend:
         for pid in sorted(set(training) | set(served) | set(self.schemas)):
             model = served.get(pid)
             projects[pid] = {
-                "model_version": model.name if model else self.store.current(pid).name,
+                "model_version": model.name if model else self.store.current_name(pid),
                 "classes": list(self.schemas[pid].classes) if pid in self.schemas else None,
                 "training": training.get(pid),
             }

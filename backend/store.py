@@ -62,6 +62,21 @@ class ModelStore:
                 self._served[project] = served
             return served
 
+    def current_name(self, project: str) -> str:
+        """The version name without loading anything (for /setup, which Label Studio gives 3 s):
+        the served one if loaded, else the newest checkpoint on disk."""
+        with self._lock:
+            served = self._served.get(project)
+        if served is not None:
+            return served.name
+        versions = self.versions(project)
+        return ServedModel(None, versions[-1] if versions else 0, (), {}).name
+
+    def stored_projects(self) -> list[str]:
+        if not self.model_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.model_dir.iterdir() if p.is_dir() and self.versions(p.name))
+
     def _load_latest(self, project: str) -> ServedModel:
         for version in reversed(self.versions(project)):
             path = self.project_dir(project) / f"model-v{version}.pt"
