@@ -118,13 +118,21 @@ class ImageFetcher:
             return cached.read_bytes()
         headers = self.auth_headers() if self._is_label_studio(absolute) else {}
         try:
-            response = self._session.get(absolute, headers=headers, timeout=TIMEOUT_SECONDS, stream=True)
+            # no redirects: an allowed host must not be able to send us on to one that is not
+            response = self._session.get(
+                absolute, headers=headers, timeout=TIMEOUT_SECONDS, stream=True, allow_redirects=False
+            )
         except requests.RequestException as error:
             raise ImageFetchError(f"Could not reach {absolute!r}: {error}") from error
         with response:
             if response.status_code in (401, 403):
                 raise ImageFetchError(
                     f"{absolute!r} answered HTTP {response.status_code}: check LABEL_STUDIO_API_KEY."
+                )
+            if response.is_redirect:
+                raise ImageFetchError(
+                    f"{absolute!r} redirects to {response.headers.get('location')!r}; put the final URL in the "
+                    "task (redirects are not followed, so that only allowed hosts are ever contacted)."
                 )
             if response.status_code != 200:
                 raise ImageFetchError(f"{absolute!r} answered HTTP {response.status_code}.")

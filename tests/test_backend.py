@@ -214,3 +214,28 @@ def test_trained_model_serves_versioned_balent_points(tmp_path, image_server, tr
     (settings.model_dir / "9" / "model-v2.pt").write_bytes(b"truncated")
     restarted = ActiveLearningBackend(settings)
     assert restarted.store.current("9").name == "segal-v1"
+
+
+def test_redirects_are_not_followed(tmp_path, image_server):
+    """An allowed host cannot bounce the backend to another one."""
+    import http.server
+    import threading
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(302)
+            self.send_header("Location", f"{image_server}/train/{IMAGES[0]}")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = create_app(make_settings(tmp_path)).test_client()
+        tasks = [{"id": 1, "data": {"image": f"http://127.0.0.1:{server.server_address[1]}/x.png"}}]
+        response = client.post("/predict", json={"tasks": tasks, "project": "3.1", "label_config": FULL_CONFIG})
+        assert response.status_code == 422 and "redirects to" in response.json["error"]
+    finally:
+        server.shutdown()
