@@ -162,8 +162,9 @@ class Predictor:
                 # percent coordinates are the same at any resolution; Label Studio wants the shown size
                 region["original_height"], region["original_width"] = work.original_size
                 results.append(region)
-        region_scores = self._regions(served, schema, task, work, labeled, probs, region_pixel_scores, generator, results)
-        proposed = point_scores or region_scores
+        regions = self._regions(schema, task, work, labeled, probs, region_pixel_scores, generator)
+        results.extend(region for region, _ in regions)
+        proposed = point_scores or [score for _, score in regions]
         task_score = float(np.mean(proposed)) if proposed else 0.0
         return {"result": results, "score": task_score, "model_version": served.name}
 
@@ -174,7 +175,17 @@ class Predictor:
         column = probs[:, row, col]
         return max(allowed, key=lambda name: float(column[index[name]]))
 
-    def _regions(self, served, schema, task, work, labeled, probs, pixel_scores, generator, results) -> list[float]:
+    def _regions(
+        self,
+        schema: LabelSchema,
+        task: dict,
+        work: WorkingImage,
+        labeled: torch.Tensor,  # [h, w] bool
+        probs: torch.Tensor | None,  # [C, h, w] MC mean, None before training
+        pixel_scores: torch.Tensor | None,  # [h, w] entropy, None before training
+        generator: torch.Generator,
+    ) -> list[tuple[dict, float]]:
+        """The top superpixels as (Label Studio result, informativeness), best first."""
         control = schema.control("brush") or schema.control("polygon")
         if control is None or self.settings.regions_per_task == 0:
             return []
@@ -198,7 +209,7 @@ class Predictor:
         # regions are drawn at the size Label Studio shows the image
         original_height, original_width = work.original_size
         full_segments = cv2.resize(segments, (original_width, original_height), interpolation=cv2.INTER_NEAREST)
-        scores = []
+        proposals = []
         for region in chosen:
             mask = full_segments == region
             if not mask.any():  # cannot happen when upscaling; guards odd aspect ratios
@@ -209,6 +220,5 @@ class Predictor:
                 mask, label=region_labels[region], score=score, from_name=control.name, to_name=schema.image_name
             )
             if result is not None:
-                results.append(result)
-                scores.append(score)
-        return scores
+                proposals.append((result, score))
+        return proposals
