@@ -107,25 +107,19 @@ class _Reader:
         self.env = env
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not an integer (default {default}).") from None
-        if not low <= value <= high:
-            raise ConfigError(f"{name}={value} is outside {low}..{high}.")
-        return value
+        return self._bounded(name, default, low, high, int, "an integer")
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
+        return self._bounded(name, default, low, high, float, "a number")
+
+    def _bounded(self, name, default, low, high, parse, kind):
         raw = self.env.get(name, "").strip()
         if not raw:
             return default
         try:
-            value = float(raw)
+            value = parse(raw)
         except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a number (default {default}).") from None
+            raise ConfigError(f"{name}={raw!r} is not {kind} (default {default}).") from None
         if not low <= value <= high:
             raise ConfigError(f"{name}={value} is outside {low}..{high}.")
         return value
