@@ -68,11 +68,11 @@ class Settings:
         settings = cls(
             label_studio_url=reader.url("LABEL_STUDIO_URL"),
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", "").strip(),
-            model_dir=Path(env.get("MODEL_DIR", "models")),
+            model_dir=Path(env.get("MODEL_DIR") or "models"),
             cache_dir=Path(env["SEGAL_CACHE_DIR"]) if env.get("SEGAL_CACHE_DIR") else None,
             basic_auth_user=env.get("BASIC_AUTH_USER", ""),
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
-            host=env.get("HOST", "0.0.0.0"),
+            host=env.get("HOST") or "0.0.0.0",
             port=reader.integer("PORT", 9090, 1, 65535),
             threads=reader.integer("SEGAL_THREADS", 8, 1, 256),
             device=reader.choice("SEGAL_DEVICE", "auto", ("auto", "cpu", "cuda"), prefix_ok=("cuda:",)),
@@ -86,8 +86,8 @@ class Settings:
             train_steps=reader.integer("SEGAL_TRAIN_STEPS", 300, 1, 1_000_000),
             train_batch_size=reader.integer("SEGAL_TRAIN_BATCH_SIZE", 4, 2, 1_024),
             train_crop=reader.integer("SEGAL_TRAIN_CROP", 512, 32, 8_192),
-            arch=env.get("SEGAL_ARCH", "deeplabv3plus"),
-            encoder=env.get("SEGAL_ENCODER", "tu-tf_efficientnet_lite0"),
+            arch=env.get("SEGAL_ARCH") or "deeplabv3plus",
+            encoder=env.get("SEGAL_ENCODER") or "tu-tf_efficientnet_lite0",
             encoder_weights=reader.choice(
                 "SEGAL_ENCODER_WEIGHTS", "packaged", ("packaged", "imagenet", "none")
             ),

@@ -90,6 +90,16 @@ def test_basic_auth_guards_every_route(tmp_path):
     assert client.get("/health", auth=("ann", "s3cret")).status_code == 200
 
 
+def test_empty_variables_mean_the_defaults():
+    """docker/compose.yml passes every setting through, empty when the user set none."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(Settings)]
+    env = {"MODEL_DIR": "", "HOST": "", "PORT": "", "SEGAL_ALLOWED_HOSTS": ""}
+    env.update({f"SEGAL_{name.upper()}": "" for name in names})
+    assert Settings.from_env(env) == Settings.from_env({})
+
+
 def test_settings_and_label_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match="SEGAL_POINTS_PER_TASK"):
         Settings.from_env({"SEGAL_POINTS_PER_TASK": "many"})
