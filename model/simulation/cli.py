@@ -1,0 +1,172 @@
+"""segal-simulate: active-learning simulation on a CamVid-layout dataset, with a ground-truth oracle.
+
+    segal-simulate [--profile quick|paper] [--data DIR] [--out DIR] [--acquisition NAME ...]
+                   [--mode pixel|region] [--seed S ...] [--cycles K] [--pixels n] ... (see --help)
+    segal-simulate plot OUT        # figures and summary table of every run under OUT
+
+Each (acquisition, seed) is one run in ``OUT/<mode>-<acquisition>-seed<S>/`` (``supervised-seed<S>``
+for the full-supervision reference), holding metrics.csv, metrics.json, state.npz and the
+last model.pt. Rerunning a command resumes every run after its last finished cycle; after
+the runs, the shared figures and summary.md are (re)written in OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..acquisition import names as acquisition_names
+from .config import MODES, PROFILES, SUPERVISED, SimulationConfig, profile_config
+from .loop import ConfigMismatch, run_simulation
+from .plots import make_plots
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "camvid"
+
+# (flag, config field, type, help); a flag left out keeps the profile's value.
+OVERRIDES = (
+    ("--cycles", "cycles", int, "K: active-learning cycles (raise it to extend a finished run)"),
+    ("--pixels", "pixels", int, "n: pixels per image, at the cold start and per cycle (pixel mode)"),
+    ("--regions", "regions", int, "superpixels per image, at the cold start and per cycle (region mode)"),
+    ("--superpixels", "superpixels", int, "SEEDS superpixels asked for per image (region mode)"),
+    ("--mc-samples", "mc_samples", int, "m: MC-dropout samples"),
+    ("--dropout", "dropout", float, "r: dropout rate before the classifier"),
+    ("--scale", "scale", float, "image downscale factor (1 = the files' size)"),
+    ("--train-images", "train_images", int, "pool size, evenly spaced over the split (0 = all)"),
+    ("--eval-images", "eval_images", int, "evaluation images, evenly spaced (0 = all)"),
+    ("--train-split", "train_split", str, "pool split folder"),
+    ("--eval-split", "eval_split", str, "evaluation split folder"),
+    ("--num-classes", "num_classes", int, "classes (CamVid: 11)"),
+    ("--void-index", "void_index", int, "the dataset's void label, ignored (CamVid: 11; -1: none)"),
+    ("--steps", "steps", int, "training steps per cycle (wins over --epochs)"),
+    ("--epochs", "epochs", int, "training epochs per cycle, used when no --steps is in effect"),
+    ("--batch-size", "batch_size", int, "training batch size (>= 2)"),
+    ("--lr", "lr", float, "learning rate (encoder: a tenth)"),
+    ("--arch", "arch", str, "smp architecture"),
+    ("--encoder", "encoder", str, "smp encoder"),
+    ("--encoder-weights", "encoder_weights", str, "packaged (offline), imagenet (download) or none"),
+    ("--device", "device", str, "auto, cpu, cuda, cuda:1"),
+    ("--eval-batch-size", "eval_batch_size", int, "images per inference batch"),
+)
+
+
+def _profile_values(field: str) -> str:
+    """``quick: 5, paper: 10``: what each profile uses for a setting, for --help."""
+    default = SimulationConfig.__dataclass_fields__[field].default
+    return ", ".join(f"{name}: {values.get(field, default)}" for name, values in sorted(PROFILES.items(), reverse=True))
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segal-simulate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="default values (default quick)")
+    parser.add_argument("--data", default=os.environ.get("CAMVID_DIR", str(DEFAULT_DATA)), help="CamVid-layout root")
+    parser.add_argument("--out", help="output directory (default runs/<profile>)")
+    parser.add_argument(
+        "--acquisition",
+        nargs="+",
+        metavar="NAME",
+        help=f"one or more of {[*acquisition_names(), SUPERVISED]}, or 'all' (default: balent in pixel "
+        "mode, entropy in region mode)",
+    )
+    parser.add_argument("--mode", choices=MODES, default="pixel", help="query pixels or superpixels")
+    parser.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
+    for flag, field, kind, text in OVERRIDES:
+        parser.add_argument(flag, type=kind, help=f"{text} [{_profile_values(field)}]")
+    parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (default: whole image)")
+    parser.add_argument("--no-augment", action="store_true", help="no scale/flip/jitter/blur in training")
+    parser.add_argument("--warm-start", action="store_true", help="continue from the previous cycle's weights")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-plots", action="store_true", help="skip the shared figures after the runs")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    values = {field: getattr(args, field) for _, field, _, _ in OVERRIDES if getattr(args, field) is not None}
+    if args.epochs is not None and args.steps is None:
+        values["steps"] = None  # --epochs alone means: train by epochs
+    for field in ("train_images", "eval_images"):
+        if values.get(field) == 0:
+            values[field] = None
+    if values.get("void_index") == -1:
+        values["void_index"] = None
+    if values.get("encoder_weights") == "none":
+        values["encoder_weights"] = None
+    if args.crop:
+        values["crop"] = tuple(args.crop)
+    if args.no_augment:
+        values["augment"] = False
+    if args.warm_start:
+        values["warm_start"] = True
+    return values
+
+
+def _acquisitions(requested: list[str] | None) -> list[str | None]:
+    if not requested:
+        return [None]  # the mode's default
+    if requested == ["all"]:
+        return [*acquisition_names(), SUPERVISED]
+    return requested
+
+
+def simulate(argv: list[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or Path("runs") / args.profile)
+    overrides = _overrides(args)
+    try:
+        configs = [
+            profile_config(
+                args.profile,
+                args.data,
+                mode=args.mode,
+                seed=seed,
+                **overrides,
+                **({"acquisition": name} if name else {}),
+            )
+            for seed in args.seed
+            for name in _acquisitions(args.acquisition)
+        ]
+        for config in configs:
+            run_simulation(config, out, progress=not args.no_progress)
+    except FileNotFoundError as error:
+        print(f"segal-simulate: {error}\nPass --data DIR (a CamVid-layout folder) or set CAMVID_DIR.", file=sys.stderr)
+        return 2
+    except (ConfigMismatch, ValueError) as error:
+        print(f"segal-simulate: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nsegal-simulate: interrupted. Finished cycles are saved; rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    if not args.no_plots:
+        for path in make_plots(out):
+            print(f"wrote {path}")
+    return 0
+
+
+def plot(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="segal-simulate plot", description="Figures and summary of the runs in OUT.")
+    parser.add_argument("out", help="output directory of segal-simulate")
+    args = parser.parse_args(argv)
+    try:
+        for path in make_plots(args.out):
+            print(f"wrote {path}")
+    except FileNotFoundError as error:
+        print(f"segal-simulate plot: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    sys.exit(plot(argv[1:]) if argv[:1] == ["plot"] else simulate(argv))
