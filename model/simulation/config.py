@@ -11,8 +11,8 @@ Profiles are named sets of defaults (``PROFILES``); a command-line flag override
 - ``quick``: CamVid downscaled 4x (120x90), 60 pool images (evenly spaced over train), the
   whole evaluation split, n = 5, 5 cycles, m = 8 MC samples, 120 training steps per cycle at
   learning rate 2e-3. About 2-3 minutes per acquisition on 2 CPU cores. The larger learning
-  rate is for the short schedule: at the paper's 5e-4, 120 steps leave even the supervised
-  reference at mIoU 0.20 here (0.32 at 2e-3), and at 40 steps at 0.13.
+  rate is for the short schedule: in a trial (30 val images), at the paper's 5e-4, 120 steps
+  left even the supervised reference at mIoU 0.20 (0.32 at 2e-3), and 40 steps at 0.13.
 - ``paper``: paper 000, section 4.2: 480x360, every image, m = 20, r = 0.2, n = 5,
   100 epochs per cycle (AdamW at 5e-4, poly decay), 10 cycles. Meant for a GPU.
 """
