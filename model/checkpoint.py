@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .files import atomic_write
 from .network import BayesianSegmenter, ModelConfig, build_model
 
 CHECKPOINT_FORMAT = "bayesian-segmenter-checkpoint"
@@ -69,36 +68,7 @@ def save_checkpoint(
         "extra": extra,
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: it creates mode 0600, and the checkpoint would end up unreadable to
-    # other users (a server running as another user). os.open with 0666 applies the umask.
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); not possible, nor needed, on Windows."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    return atomic_write(path, lambda file: torch.save(payload, file))
 
 
 def _short(error: Exception, limit: int = 300) -> str:

@@ -28,7 +28,8 @@ import math
 from pathlib import Path
 
 from .config import SimulationConfig
-from .state import atomic_write, to_json
+from ..files import atomic_write
+from .state import to_json
 
 METRIC_COLUMNS = (
     "cycle",

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..files import atomic_write
 
 STATE_FORMAT = "segal-simulation-state"
 STATE_FILE = "state.npz"
@@ -58,20 +58,6 @@ def to_json(value) -> str:
         return item
 
     return json.dumps(clean(value), indent=1, allow_nan=False)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside `path`, fsync it, then rename it over `path`."""
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def save_state(folder: Path, state: RunState) -> Path:
