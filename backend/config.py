@@ -39,6 +39,7 @@ class Settings:
     regions_per_task: int = 3  # SEGAL_REGIONS_PER_TASK (with BrushLabels / PolygonLabels)
     mc_samples: int = 20  # SEGAL_MC_SAMPLES (m)
     superpixels: int = 300  # SEGAL_SUPERPIXELS: SEEDS superpixels asked for a 480x360 image
+    region_score: str = "entropy"  # SEGAL_REGION_SCORE: entropy (paper 004, eq. 6) | balent, summed per region
     max_side: int = 1024  # SEGAL_MAX_SIDE: images are downscaled to this longest side for the model
     train_every: int = 0  # SEGAL_TRAIN_EVERY: retrain every N new annotations (0: only on "Start training")
     train_steps: int = 300  # SEGAL_TRAIN_STEPS
@@ -48,6 +49,8 @@ class Settings:
     encoder: str = "tu-tf_efficientnet_lite0"  # SEGAL_ENCODER
     encoder_weights: str | None = "packaged"  # SEGAL_ENCODER_WEIGHTS: packaged | imagenet | none
     dropout: float = 0.2  # SEGAL_DROPOUT (r)
+    contrastive_weight: float = 0.1  # SEGAL_CONTRASTIVE_WEIGHT (lambda); 0: plain CE, regions by entropy rank
+    ema_decay: float | None = 0.99  # SEGAL_EMA_DECAY (alpha of the EMA teacher); 0: serve the student
     seed: int = 0  # SEGAL_SEED
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)  # SEGAL_ALLOWED_HOSTS, comma-separated
 
@@ -81,6 +84,7 @@ class Settings:
             regions_per_task=reader.integer("SEGAL_REGIONS_PER_TASK", 3, 0, 1_000),
             mc_samples=reader.integer("SEGAL_MC_SAMPLES", 20, 1, 1_000),
             superpixels=reader.integer("SEGAL_SUPERPIXELS", 300, 4, 100_000),
+            region_score=reader.choice("SEGAL_REGION_SCORE", "entropy", ("entropy", "balent")),
             max_side=reader.integer("SEGAL_MAX_SIDE", 1024, 32, 16_384),
             train_every=reader.integer("SEGAL_TRAIN_EVERY", 0, 0, 1_000_000),
             train_steps=reader.integer("SEGAL_TRAIN_STEPS", 300, 1, 1_000_000),
@@ -92,6 +96,8 @@ class Settings:
                 "SEGAL_ENCODER_WEIGHTS", "packaged", ("packaged", "imagenet", "none")
             ),
             dropout=reader.number("SEGAL_DROPOUT", 0.2, 0.0, 0.99),
+            contrastive_weight=reader.number("SEGAL_CONTRASTIVE_WEIGHT", 0.1, 0.0, 100.0),
+            ema_decay=reader.number("SEGAL_EMA_DECAY", 0.99, 0.0, 0.9999) or None,
             seed=reader.integer("SEGAL_SEED", 0, 0, 2**31 - 1),
             allowed_hosts=tuple(h.strip().lower() for h in env.get("SEGAL_ALLOWED_HOSTS", "").split(",") if h.strip()),
         )

@@ -4,9 +4,14 @@ For each task: MC-dropout moments of the served model at a working resolution (l
 side <= SEGAL_MAX_SIDE), then
 - the n most informative pixels by the configured acquisition, as KeyPointLabels results
   (label = predicted class, ``score`` = acquisition value);
-- the top SEEDS superpixels by summed pixel entropy (paper 004, eq. 6), as BrushLabels
-  (exact RLE) or, without a BrushLabels control, PolygonLabels (the region's outline),
-  labeled with the region's majority predicted class.
+- SEEDS superpixels by paper 004's method once a trained model has a region projector:
+  region features are the teacher's mean pixel embedding, mapped by the UMAP fitted on
+  the memory bank, clustered by KMeans with k = SEGAL_REGIONS_PER_TASK, and the most
+  informative region of each cluster (summed pixel entropy, eq. 6, or summed BalEnt with
+  SEGAL_REGION_SCORE=balent) is proposed. Without a projector (no contrastive training,
+  too few bank vectors) the top regions by the summed score are proposed instead.
+  Regions are BrushLabels (exact RLE) or, without a BrushLabels control, PolygonLabels (the
+  region's outline), labeled with the region's majority predicted class.
 Pixels and regions that the task's annotations already label are never proposed.
 
 Before the first training run (cold start, paper 000 Algorithm 1 step 3) the pixels and
@@ -29,8 +34,9 @@ import torch.nn.functional as F
 
 from model.acquisition import score_moments, select_pixels
 from model.data import IGNORE_INDEX
-from model.mc_dropout import mc_moments
+from model.mc_dropout import mc_moments, mc_moments_and_embeddings
 from model.moments import entropy
+from model.regions import acquire_regions
 from model.superpixels import (
     SuperpixelCache,
     majority_labels,
@@ -132,19 +138,28 @@ class Predictor:
         labeled = torch.from_numpy(labels != IGNORE_INDEX)  # [h, w]
         generator = torch.Generator().manual_seed(_task_seed(settings.seed, task))
 
+        embeddings = None
         if served.model is None:  # cold start: random pixels and regions, no prediction
             probs = None
             pixel_scores = torch.rand(height, width, generator=generator, dtype=torch.float64)
             region_pixel_scores = None
         else:
             device = next(served.model.parameters()).device
-            moments = mc_moments(served.model, work.image.to(device), settings.mc_samples, generator=generator)[0]
+            image = work.image.to(device)
+            if self._clusters_regions(served, schema):
+                moments, embeddings = mc_moments_and_embeddings(served.model, image, settings.mc_samples, generator)
+                embeddings = embeddings.cpu()  # [P, h, w]
+            else:
+                moments = mc_moments(served.model, image, settings.mc_samples, generator=generator)[0]
             moments = moments.map_spatial(lambda t: t.cpu())
             probs = moments.mean  # [C, h, w]
             pixel_scores = score_moments(
                 settings.acquisition, moments, budget=settings.points_per_task, candidates=~labeled, generator=generator
             )
-            region_pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
+            if settings.region_score == "balent":
+                region_pixel_scores = score_moments("balent", moments, generator=generator)
+            else:
+                region_pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
 
         results: list[dict] = []
         point_scores: list[float] = []
@@ -162,11 +177,23 @@ class Predictor:
                 # percent coordinates are the same at any resolution; Label Studio wants the shown size
                 region["original_height"], region["original_width"] = work.original_size
                 results.append(region)
-        regions = self._regions(schema, task, work, labeled, probs, region_pixel_scores, generator)
+        projector = served.projector if embeddings is not None else None
+        regions = self._regions(schema, task, work, labeled, probs, region_pixel_scores, generator, embeddings, projector)
         results.extend(region for region, _ in regions)
         proposed = point_scores or [score for _, score in regions]
         task_score = float(np.mean(proposed)) if proposed else 0.0
         return {"result": results, "score": task_score, "model_version": served.name}
+
+    def _clusters_regions(self, served: ServedModel, schema: LabelSchema) -> bool:
+        """Whether regions come from UMAP + KMeans (paper 004) rather than the plain ranking."""
+        has_region_control = schema.control("brush") is not None or schema.control("polygon") is not None
+        return (
+            has_region_control
+            and self.settings.regions_per_task > 0
+            and served.projector is not None
+            and served.model is not None
+            and served.model.projection is not None
+        )
 
     def _label_at(self, schema: LabelSchema, allowed: tuple[str, ...], probs, row: int, col: int) -> str:
         if probs is None:
@@ -182,21 +209,28 @@ class Predictor:
         work: WorkingImage,
         labeled: torch.Tensor,  # [h, w] bool
         probs: torch.Tensor | None,  # [C, h, w] MC mean, None before training
-        pixel_scores: torch.Tensor | None,  # [h, w] entropy, None before training
+        pixel_scores: torch.Tensor | None,  # [h, w] entropy or BalEnt, None before training
         generator: torch.Generator,
+        embeddings: torch.Tensor | None = None,  # [P, h, w] teacher embeddings, with a projector
+        projector=None,  # model.regions.RegionProjector
     ) -> list[tuple[dict, float]]:
-        """The top superpixels as (Label Studio result, informativeness), best first."""
+        """The chosen superpixels as (Label Studio result, informativeness), best first."""
         control = schema.control("brush") or schema.control("polygon")
         if control is None or self.settings.regions_per_task == 0:
             return []
         height, width = work.image.shape[-2:]
         key = f"{task.get('data', {}).get(schema.image_key)}|{height}x{width}|{self.settings.superpixels}"
         segments = self.superpixels.get(key, lambda: seeds_superpixels(to_uint8_rgb(work.image), self.settings.superpixels))
+        k = self.settings.regions_per_task
         if pixel_scores is None:  # cold start: a random score per region
             sums = torch.rand(int(segments.max()) + 1, generator=generator, dtype=torch.float64).numpy()
+            chosen = top_regions(sums, k, segments, labeled.numpy())
+        elif projector is not None and embeddings is not None:  # paper 004: UMAP + KMeans + max per cluster
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            chosen, sums = acquire_regions(projector, embeddings, pixel_scores, segments, k, labeled.numpy(), seed=seed)
         else:
             sums = region_sums(pixel_scores, segments)
-        chosen = top_regions(sums, self.settings.regions_per_task, segments, labeled.numpy())
+            chosen = top_regions(sums, k, segments, labeled.numpy())
         if not chosen:
             return []
         allowed = [schema.class_index[name] for name in control.labels]

@@ -79,7 +79,9 @@ class ActiveLearningBackend:
     def _preload(self) -> None:
         for project in self.store.stored_projects():
             try:
-                self.store.current(project)
+                served = self.store.current(project)
+                if served.projector is not None:
+                    served.projector.warm_up()  # UMAP's numba code compiles now, not in a request
             except Exception:  # noqa: BLE001 - a bad project dir must not stop the others
                 log.exception("project %s: could not load its models", project)
 
@@ -174,6 +176,9 @@ class ActiveLearningBackend:
             projects[pid] = {
                 "model_version": model.name if model else self.store.current_name(pid),
                 "classes": list(self.schemas[pid].classes) if pid in self.schemas else None,
+                # how region proposals are chosen: paper 004's clustering once a projector exists
+                "region_selection": _region_selection(model),
+                "memory_bank_vectors": len(model.memory_bank) if model and model.memory_bank is not None else 0,
                 "training": training.get(pid),
             }
         with self._lock:
@@ -185,3 +190,11 @@ class ActiveLearningBackend:
             "projects": projects,
             **counters,
         }
+
+
+def _region_selection(served) -> str:
+    if served is None or served.model is None:
+        return "random (cold start)"
+    if served.projector is not None and served.model.projection is not None:
+        return "umap-kmeans"
+    return "entropy ranking"

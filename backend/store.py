@@ -3,6 +3,12 @@
 Each finished training run writes a new version atomically (``model.checkpoint``); the
 highest version that loads is the one served, so a restart picks it up and a crash in the
 middle of a save never leaves a broken "latest". Version 0 means "not trained yet".
+
+A contrastive model has a memory bank (inside the checkpoint) and a region projector, the
+UMAP fitted on that bank after training (``model-v<N>.umap``, written before the checkpoint
+so that a checkpoint never points at a missing projector). Without a projector (fit failed,
+file unreadable, a model from before contrastive training) the regions fall back to the
+plain entropy ranking.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.contrastive import MemoryBank
 from model.network import BayesianSegmenter
+from model.regions import RegionProjector
 
 log = logging.getLogger(__name__)
 _VERSION_FILE = re.compile(r"^model-v(\d+)\.pt$")
@@ -28,6 +36,8 @@ class ServedModel:
     version: int
     classes: tuple[str, ...]
     extra: dict
+    memory_bank: MemoryBank | None = None
+    projector: RegionProjector | None = None  # UMAP on the memory bank, for region selection
 
     @property
     def name(self) -> str:
@@ -85,18 +95,43 @@ class ModelStore:
             except (ValueError, OSError) as error:
                 log.error("project %s: skipping unreadable checkpoint %s: %s", project, path, error)
                 continue
+            projector = self._load_projector(project, path.with_suffix(".umap"), meta["memory_bank"])
             log.info("project %s: serving %s", project, path)
-            return ServedModel(model.eval(), version, tuple(meta["class_names"]), meta.get("extra", {}))
+            return ServedModel(
+                model.eval(), version, tuple(meta["class_names"]), meta.get("extra", {}), meta["memory_bank"], projector
+            )
         return ServedModel(None, 0, (), {})
 
-    def publish(self, project: str, model: BayesianSegmenter, classes: tuple[str, ...], extra: dict) -> ServedModel:
-        """Save `model` as the next version and serve it from now on."""
+    @staticmethod
+    def _load_projector(project: str, path: Path, memory_bank: MemoryBank | None) -> RegionProjector | None:
+        if memory_bank is None or not path.exists():
+            return None
+        try:
+            return RegionProjector.load(path)
+        except (ValueError, OSError) as error:
+            log.error("project %s: unreadable region projector %s (%s); regions ranked by entropy", project, path, error)
+            return None
+
+    def publish(
+        self,
+        project: str,
+        model: BayesianSegmenter,
+        classes: tuple[str, ...],
+        extra: dict,
+        memory_bank: MemoryBank | None = None,
+        projector: RegionProjector | None = None,
+    ) -> ServedModel:
+        """Save `model` (with its bank and projector) as the next version and serve it from now on."""
         with self._lock:
             existing = self.versions(project)
             version = (existing[-1] if existing else 0) + 1
             path = self.project_dir(project) / f"model-v{version}.pt"
-            save_checkpoint(path, model, class_names=list(classes), version=version, extra=extra)
-            served = ServedModel(model.eval(), version, tuple(classes), extra)
+            if projector is not None:
+                projector.save(path.with_suffix(".umap"))
+            save_checkpoint(
+                path, model, class_names=list(classes), version=version, extra=extra, memory_bank=memory_bank
+            )
+            served = ServedModel(model.eval(), version, tuple(classes), extra, memory_bank, projector)
             self._served[project] = served
             return served
 

@@ -4,6 +4,10 @@ One job per project at a time, in a background thread, so /webhook answers at on
 (Label Studio waits 1 s). A request that arrives while a job runs is remembered, and
 all such requests become one follow-up run (with the annotations as they are then).
 A failed job leaves the previous version serving; its error is kept for /health.
+
+A run trains the student with CE + lambda * InfoNCE against the project's memory bank
+(paper 004), publishes the EMA teacher, and fits the region projector (UMAP on the bank)
+before publishing, so that no request ever waits for a UMAP fit.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from model.contrastive import MemoryBank
 from model.data import IGNORE_INDEX
-from model.network import ModelConfig, build_model
+from model.network import BayesianSegmenter, ModelConfig, build_model
+from model.regions import RegionProjector
 from model.training import TrainConfig, train
 
 from .config import Settings
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainingState:
     status: str = "idle"  # idle | running | succeeded | failed
+    phase: str = ""  # while running: collecting | training | fitting region projector | saving
     reason: str = ""  # what asked for the current / last run
     step: int = 0
     total_steps: int = 0
@@ -163,6 +170,7 @@ class Trainer:
             log.exception("project %s: training failed; the previous model keeps serving", project)
             with self._lock:
                 state.status, state.error, state.finished_at = "failed", f"{type(error).__name__}: {error}", time.time()
+                state.phase = ""
             return
         with self._lock:
             state.status, state.version, state.finished_at = "succeeded", version, time.time()
@@ -205,8 +213,13 @@ class Trainer:
                 samples.append((image, torch.from_numpy(merged)))
         return samples, skipped_total
 
+    def _phase(self, state: TrainingState, phase: str) -> None:
+        with self._lock:
+            state.phase = phase
+
     def train_once(self, project: str, state: TrainingState) -> int:
         settings = self.settings
+        self._phase(state, "collecting")
         schema = self._schema(project)
         samples, skipped = self.collect(project, schema)
         if not samples:
@@ -225,14 +238,24 @@ class Trainer:
             )
         )
         served = self.store.current(project)
+        memory_bank = None
         if served.model is not None and served.classes == schema.classes:
-            model.load_state_dict(served.model.state_dict())  # continue from the served version
+            _continue_from(model, served.model)
+            if served.memory_bank is not None:  # a copy: the served one stays as it was saved
+                memory_bank = MemoryBank.from_state_dict(served.memory_bank.state_dict())
         model.to(self.store.device)
         crop = (
             min(settings.train_crop, max(image.shape[-2] for image, _ in samples)),
             min(settings.train_crop, max(image.shape[-1] for image, _ in samples)),
         )
-        config = TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch_size, crop_size=crop, seed=settings.seed)
+        config = TrainConfig(
+            steps=settings.train_steps,
+            batch_size=settings.train_batch_size,
+            crop_size=crop,
+            seed=settings.seed,
+            contrastive_weight=settings.contrastive_weight,
+            ema_decay=settings.ema_decay,
+        )
         log.info(
             "project %s: training on %d images, %d labeled pixels, %d steps",
             project, state.images, state.labeled_pixels, config.steps,
@@ -244,18 +267,57 @@ class Trainer:
             if step % 10 == 0 or step == total:
                 log.info("project %s: step %d/%d loss %.4f", project, step, total, loss)
 
-        result = train(model, samples, config, progress)
+        self._phase(state, "training")
+        result = train(model, samples, config, progress, memory_bank=memory_bank)
+        projector = None
+        if result.memory_bank is not None:
+            self._phase(state, "fitting region projector")
+            projector = self._fit_projector(project, result.memory_bank)
+        self._phase(state, "saving")
         served = self.store.publish(
             project,
-            model,
+            result.teacher if result.teacher is not None else model,
             schema.classes,
             extra={
                 "images": state.images,
                 "labeled_pixels": state.labeled_pixels,
                 "steps": result.steps,
                 "final_loss": result.losses[-1] if result.losses else None,
+                "final_contrastive_loss": result.contrastive_losses[-1] if result.contrastive_losses else None,
+                "served": "ema_teacher" if result.teacher is not None else "student",
+                "memory_bank_vectors": len(result.memory_bank) if result.memory_bank is not None else 0,
+                "projector_fit_seconds": round(projector.fit_seconds, 1) if projector is not None else None,
                 "seconds": round(result.seconds, 1),
             },
+            memory_bank=result.memory_bank,
+            projector=projector,
         )
+        self._phase(state, "")
         log.info("project %s: published %s (%.0f s)", project, served.name, result.seconds)
         return served.version
+
+    def _fit_projector(self, project: str, memory_bank: MemoryBank) -> RegionProjector | None:
+        vectors, _ = memory_bank.vectors()
+        try:
+            projector = RegionProjector.fit(vectors.cpu().numpy(), seed=self.settings.seed)
+        except ValueError as error:  # e.g. too few correctly classified labeled pixels yet
+            log.warning("project %s: no region projector this time (%s); regions ranked by entropy", project, error)
+            return None
+        projector.warm_up()  # compile the transform here, in the training thread, not in a request
+        log.info(
+            "project %s: region projector fitted on %d bank vectors in %.1f s",
+            project, len(vectors), projector.fit_seconds,
+        )
+        return projector
+
+
+def _continue_from(model: BayesianSegmenter, served: BayesianSegmenter) -> None:
+    """Start from the served weights; a served model from before the projection head leaves
+    the new head at its initialization."""
+    missing, unexpected = model.load_state_dict(served.state_dict(), strict=False)
+    new_head = all(name.startswith("projection.") for name in missing)
+    if unexpected or not new_head:
+        raise ValueError(
+            f"The served model does not fit the configured network (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); was SEGAL_ARCH or SEGAL_ENCODER changed? Move the old model-v*.pt files away."
+        )

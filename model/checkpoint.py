@@ -13,6 +13,11 @@ leaves the previous checkpoint as it was; a reader never sees a half-written fil
 Loading rebuilds the network from the stored config with ``encoder_weights=None``: the
 weights come from the checkpoint, so the packaged or hub encoder weights need not be read
 (or downloaded) again. The returned model's ``config`` is the stored one, unchanged.
+
+A contrastive model's memory bank (``model.contrastive.MemoryBank``, paper 004) is stored
+beside the weights as plain tensors: the next training run continues its queues, and the
+region acquisition's UMAP is fitted on it. Format 1 files (before the projection head) load
+as models without a projection head and without a bank.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from typing import Any
 
 import torch
 
+from .contrastive import MemoryBank
 from .files import atomic_write
 from .network import BayesianSegmenter, ModelConfig, build_model
 
 CHECKPOINT_FORMAT = "bayesian-segmenter-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: projection head in the config, optional memory bank
 
 
 def _check_json(name: str, value: Any) -> None:
@@ -46,8 +52,10 @@ def save_checkpoint(
     class_names: list[str] | tuple[str, ...],
     version: int,
     extra: dict | None = None,
+    memory_bank: MemoryBank | None = None,
 ) -> Path:
-    """Atomically write `model` and its metadata to `path` (parent folders are created)."""
+    """Atomically write `model`, its metadata and, if given, its memory bank to `path`
+    (parent folders are created)."""
     path = Path(path)
     class_names = [str(name) for name in class_names]
     if len(class_names) != model.num_classes:
@@ -58,6 +66,14 @@ def save_checkpoint(
     if not isinstance(extra, dict):
         raise ValueError(f"extra must be a dict, got {type(extra).__name__}.")
     _check_json("extra", extra)
+    if memory_bank is not None and (memory_bank.num_classes, memory_bank.dim) != (
+        model.num_classes,
+        model.config.projection_dim,
+    ):
+        raise ValueError(
+            f"The memory bank holds {memory_bank.num_classes} classes of {memory_bank.dim}-d vectors; the model has "
+            f"{model.num_classes} classes and {model.config.projection_dim}-d embeddings."
+        )
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -67,6 +83,7 @@ def save_checkpoint(
         "model_config": model.config.to_dict(),
         "extra": extra,
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "memory_bank": None if memory_bank is None else memory_bank.state_dict(),
     }
     return atomic_write(path, lambda file: torch.save(payload, file))
 
@@ -106,12 +123,14 @@ def load_checkpoint(
     """Model (eval mode, on `map_location`) and metadata from a `save_checkpoint` file.
 
     Metadata keys: ``class_names``, ``version``, ``created``, ``extra``, ``model_config``,
-    ``format_version``.
+    ``format_version``, ``memory_bank`` (a ``MemoryBank`` on the CPU, or None).
     """
     path = Path(path)
     payload = _read(path, map_location)
+    stored_config = dict(payload["model_config"])
+    stored_config.setdefault("projection_dim", 0)  # format 1: no projection head
     try:
-        config = ModelConfig.from_dict(payload["model_config"])
+        config = ModelConfig.from_dict(stored_config)
         model = build_model(dataclasses.replace(config, encoder_weights=None))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path} holds a model config this code cannot build: {error}") from error
@@ -124,6 +143,12 @@ def load_checkpoint(
         ) from error
     model.config = config
     model.to(map_location).eval()
+    memory_bank = None
+    if payload.get("memory_bank") is not None:
+        try:
+            memory_bank = MemoryBank.from_state_dict(payload["memory_bank"])
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
     metadata = {
         "class_names": list(payload["class_names"]),
         "version": payload["version"],
@@ -131,5 +156,6 @@ def load_checkpoint(
         "extra": payload.get("extra", {}),
         "model_config": config.to_dict(),
         "format_version": payload["format_version"],
+        "memory_bank": memory_bank,
     }
     return model, metadata

@@ -99,16 +99,50 @@ def mc_moments(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     with _eval_mode(model):
         features = model.features(images)  # [B, D, h, w]
-        masks = _dropout_masks(model, num_samples, generator)  # [m, D]
-        accumulators = [MomentAccumulator() for _ in range(images.shape[0])]
-        for probs in _sample_chunks(model, features, masks, chunk_size):  # [k, B, C, h, w]
-            for index, accumulator in enumerate(accumulators):
-                accumulator.update(probs[:, index])
-        moments = [accumulator.result() for accumulator in accumulators]
+        moments = _moments_from_features(model, features, num_samples, generator, chunk_size)
     if not image_resolution:
         return moments
     size = tuple(images.shape[-2:])
     return [m.map_spatial(lambda maps: model.upsample(maps.unsqueeze(0), size).squeeze(0)) for m in moments]
+
+
+def _moments_from_features(
+    model: BayesianSegmenter,
+    features: torch.Tensor,  # [B, D, h, w]
+    num_samples: int,
+    generator: torch.Generator | None,
+    chunk_size: int,
+) -> list[MCMoments]:
+    masks = _dropout_masks(model, num_samples, generator)  # [m, D]
+    accumulators = [MomentAccumulator() for _ in range(features.shape[0])]
+    for probs in _sample_chunks(model, features, masks, chunk_size):  # [k, B, C, h, w]
+        for index, accumulator in enumerate(accumulators):
+            accumulator.update(probs[:, index])
+    return [accumulator.result() for accumulator in accumulators]
+
+
+@torch.no_grad()
+def mc_moments_and_embeddings(
+    model: BayesianSegmenter,
+    image: torch.Tensor,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    generator: torch.Generator | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[MCMoments, torch.Tensor]:
+    """One image's MC moments ``[C, H, W]`` and its unit pixel embeddings ``[P, H, W]``
+    (the projection head's, bilinearly upsampled), from a single encoder/decoder pass.
+
+    The same moments as ``mc_moments`` for the same generator state; the embeddings give
+    paper 004's region features (``model.regions``).
+    """
+    images = _check(image, num_samples)[:1]
+    with _eval_mode(model):
+        features = model.features(images)  # [1, D, h, w]
+        embeddings = model.embed(features)  # [1, P, h, w]
+        moments = _moments_from_features(model, features, num_samples, generator, chunk_size)[0]
+    size = tuple(images.shape[-2:])
+    moments = moments.map_spatial(lambda maps: model.upsample(maps.unsqueeze(0), size).squeeze(0))
+    return moments, model.upsample(embeddings, size)[0]
 
 
 @torch.no_grad()

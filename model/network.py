@@ -8,6 +8,11 @@ weight matrix, which lets MC inference run all samples as one matrix product
 (see ``model.mc_dropout``). The decoder's own stock dropout layers (ASPP in DeepLabV3+,
 FPN's decoder dropout) act only in training; MC inference runs encoder and decoder once,
 in eval mode.
+
+A projection head (paper 004, section 4.2) maps the same decoder features to L2-normalized
+128-d pixel embeddings for the contrastive loss (``model.contrastive``) and for region
+features at acquisition time (``model.regions``). It does not feed the classifier, so it
+changes neither the logits nor MC sampling.
 """
 
 from __future__ import annotations
@@ -42,12 +47,16 @@ class ModelConfig:
     # hub download (needs internet); None: random init.
     encoder_weights: str | None = "packaged"
     dropout: float = 0.2
+    # width of the contrastive projection head's embeddings; 0 builds no head
+    projection_dim: int = 128
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.projection_dim < 0:
+            raise ValueError(f"projection_dim must be >= 0 (0: no projection head), got {self.projection_dim}.")
         if self.encoder_weights not in ENCODER_WEIGHT_CHOICES:
             raise ValueError(
                 f"encoder_weights must be one of {ENCODER_WEIGHT_CHOICES}, got {self.encoder_weights!r}."
@@ -100,6 +109,26 @@ def _build_smp(config: ModelConfig) -> nn.Module:
     return net
 
 
+class ProjectionHead(nn.Module):
+    """``3x3 conv -> BatchNorm -> ReLU -> Dropout(0.1) -> 1x1 conv``, then L2 norm per pixel.
+
+    ``[B, D, h, w]`` decoder features -> ``[B, P, h, w]`` unit-length embeddings.
+    """
+
+    def __init__(self, in_channels: int, dim: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(in_channels, dim, kernel_size=1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.layers(features), dim=1)
+
+
 class BayesianSegmenter(nn.Module):
     """smp encoder + decoder, then ``Dropout2d(r) -> Conv1x1(D, C)``.
 
@@ -116,6 +145,7 @@ class BayesianSegmenter(nn.Module):
         self.feature_channels: int = net.segmentation_head[0].in_channels  # D
         self.dropout = nn.Dropout2d(config.dropout)
         self.classifier = nn.Conv2d(self.feature_channels, config.num_classes, kernel_size=1)
+        self.projection = ProjectionHead(self.feature_channels, config.projection_dim) if config.projection_dim else None
         self.stride: int = int(getattr(self.encoder, "output_stride", 32))
         mean, std = _normalization(config.encoder)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -143,14 +173,30 @@ class BayesianSegmenter(nn.Module):
     def upsample(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Decoder-resolution maps ``[B, K, h, w]`` -> image resolution ``[B, K, H, W]``."""
         height, width = size
-        padded = (height + (-height % self.stride), width + (-width % self.stride))
-        maps = F.interpolate(maps, size=padded, mode="bilinear", align_corners=False)
+        maps = F.interpolate(maps, size=self.padded_size(size), mode="bilinear", align_corners=False)
         return maps[..., :height, :width]
+
+    def padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """``(H, W)`` of the image grid the decoder resolution maps to (padded to the stride)."""
+        height, width = size
+        return height + (-height % self.stride), width + (-width % self.stride)
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Unit-length pixel embeddings ``[B, P, h, w]`` from decoder features ``[B, D, h, w]``."""
+        if self.projection is None:
+            raise ValueError(
+                "This model has no projection head (projection_dim=0); build it with "
+                "ModelConfig(projection_dim=128) to train contrastively or select regions by embedding."
+            )
+        return self.projection(features)
+
+    def logits_from_features(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Image-resolution logits ``[B, C, H, W]`` from decoder features ``[B, D, h, w]``."""
+        return self.upsample(self.classifier(self.dropout(features)), size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C, H, W]``; stochastic only in train mode (or with MC sampling)."""
-        logits = self.classifier(self.dropout(self.features(images)))
-        return self.upsample(logits, images.shape[-2:])
+        return self.logits_from_features(self.features(images), tuple(images.shape[-2:]))
 
 
 def build_model(config: ModelConfig) -> BayesianSegmenter:

@@ -84,7 +84,9 @@ def region_sums(pixel_scores: torch.Tensor | np.ndarray, segments: np.ndarray) -
     scores = pixel_scores.detach().cpu().numpy() if isinstance(pixel_scores, torch.Tensor) else pixel_scores
     if scores.shape != segments.shape:
         raise ValueError(f"Scores {scores.shape} and segments {segments.shape} differ in shape.")
-    scores = np.where(np.isfinite(scores), scores, 0.0).astype(np.float64)
+    # a degenerate pixel (non-finite, or the acquisitions' LOWEST_SCORE marker) adds nothing:
+    # two LOWEST_SCOREs would already sum to -inf
+    scores = np.where(np.isfinite(scores) & (scores != np.finfo(np.float64).min), scores, 0.0).astype(np.float64)
     return np.bincount(segments.ravel(), weights=scores.ravel(), minlength=int(segments.max()) + 1)
 
 

@@ -15,6 +15,13 @@ ASPP's global pooling sees a single value per channel), so batches are always >=
 with replacement when there are fewer images; and a random crop can miss every labeled pixel
 of a sparse image, so such a crop is redrawn (a batch without any labeled pixel would give a
 NaN loss, 0 / 0).
+
+Contrastive training (paper 004, section 3.2; ``model.contrastive``): with
+``contrastive_weight`` (lambda) > 0 the loss is ``CE + lambda * InfoNCE`` over anchors drawn
+from the labeled pixels, against a per-class memory bank that the run fills and returns;
+with ``ema_decay`` set, an EMA teacher follows the student after every step and is returned
+as the model to serve. Both are on by default; ``contrastive_weight=0, ema_decay=None`` is
+paper 000's plain sparse-CE training.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import contrastive
 from .augment import SparseAugment
+from .contrastive import EmaTeacher, MemoryBank
 from .data import IGNORE_INDEX
 from .network import BayesianSegmenter
 
@@ -58,6 +67,14 @@ class TrainConfig:
     crop_size: tuple[int, int] = (360, 480)  # a whole CamVid frame
     augment: bool = True
     seed: int = 0
+    # paper 004: loss = CE + contrastive_weight * InfoNCE; 0 turns the contrastive part off
+    contrastive_weight: float = 0.1
+    temperature: float = contrastive.DEFAULT_TEMPERATURE
+    anchors_per_class: int = contrastive.DEFAULT_ANCHORS_PER_CLASS
+    negatives: int = contrastive.DEFAULT_NEGATIVES  # K_n per anchor
+    bank_per_image: int = contrastive.DEFAULT_BANK_PER_IMAGE  # P_i
+    bank_capacity: int = contrastive.DEFAULT_BANK_CAPACITY  # P_t per class
+    ema_decay: float | None = 0.99  # None: no teacher, the student is the result
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
@@ -75,6 +92,16 @@ class TrainConfig:
             raise ValueError("lr must be > 0; weight_decay and encoder_lr_scale must be >= 0.")
         if len(self.crop_size) != 2 or min(self.crop_size) < 1:
             raise ValueError(f"crop_size must be (H, W) with both >= 1, got {self.crop_size}.")
+        if self.contrastive_weight < 0 or self.temperature <= 0:
+            raise ValueError("contrastive_weight must be >= 0 and temperature > 0.")
+        if min(self.anchors_per_class, self.negatives, self.bank_per_image, self.bank_capacity) < 1:
+            raise ValueError("anchors_per_class, negatives, bank_per_image and bank_capacity must be >= 1.")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}.")
+
+    @property
+    def contrastive(self) -> bool:
+        return self.contrastive_weight > 0
 
     def total_steps(self, num_images: int) -> int:
         if self.steps is not None:
@@ -92,12 +119,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    losses: list[float] = field(default_factory=list)  # one per optimizer step (the total loss)
+    contrastive_losses: list[float] = field(default_factory=list)  # InfoNCE of the steps that had one
     steps: int = 0  # optimizer steps taken
     skipped_steps: int = 0  # steps whose whole batch held no labeled pixel after cropping
     num_images: int = 0  # images with at least one label (the ones trained on)
     num_labeled_pixels: int = 0
     seconds: float = 0.0
+    teacher: BayesianSegmenter | None = None  # the EMA teacher (eval mode), with ema_decay set
+    memory_bank: MemoryBank | None = None  # with contrastive_weight > 0
 
 
 def _labeled_samples(
@@ -167,13 +197,25 @@ def sparse_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="mean")
 
 
+def _memory_bank(model: BayesianSegmenter, config: TrainConfig, given: MemoryBank | None, device) -> MemoryBank:
+    dim = model.config.projection_dim
+    if given is not None and (given.num_classes, given.dim) == (model.num_classes, dim):
+        return given.to(device)  # continue the previous run's queues
+    return MemoryBank(model.num_classes, dim, config.bank_capacity, device=device)
+
+
 def train(
     model: BayesianSegmenter,
     samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
     config: TrainConfig | None = None,
     progress: Progress | None = None,
+    memory_bank: MemoryBank | None = None,
 ) -> TrainResult:
-    """Fine-tune `model` in place on sparse labels; returns the per-step loss history.
+    """Fine-tune `model` (the student) in place on sparse labels; returns the loss history,
+    and, as configured, the EMA teacher and the memory bank.
+
+    `memory_bank` continues a previous run's bank (it is updated in place); one of another
+    shape (the class list or the projection changed) is replaced by an empty one.
 
     Runs on the model's device. Reproducible for a given ``config.seed`` on CPU: sampling and
     augmentation use their own generator, and dropout runs under a forked global RNG seeded
@@ -181,6 +223,11 @@ def train(
     is restored afterwards.
     """
     config = config or TrainConfig()
+    if config.contrastive and model.projection is None:
+        raise ValueError(
+            "contrastive_weight > 0 needs a projection head: build the model with "
+            "ModelConfig(projection_dim=128), or train with contrastive_weight=0."
+        )
     start = time.perf_counter()
     data = _labeled_samples(samples, model.num_classes)
     total = config.total_steps(len(data))
@@ -195,6 +242,9 @@ def train(
     result = TrainResult(
         num_images=len(data), num_labeled_pixels=sum(int((lab != IGNORE_INDEX).sum()) for _, lab in data)
     )
+    if config.contrastive:
+        result.memory_bank = _memory_bank(model, config, memory_bank, device)
+    teacher = EmaTeacher(model, config.ema_decay) if config.ema_decay is not None else None
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     was_training = model.training
     model.train()
@@ -209,16 +259,31 @@ def train(
                     scheduler.step()
                     continue
                 images = torch.stack([img for img, _ in batch]).to(device)  # [B, 3, h, w]
-                loss = sparse_cross_entropy(model(images), labels)
+                features = model.features(images)  # [B, D, h/4, w/4]
+                logits = model.logits_from_features(features, tuple(images.shape[-2:]))  # [B, C, h, w]
+                loss = sparse_cross_entropy(logits, labels)
+                if result.memory_bank is not None:
+                    nce = contrastive.contrastive_step(
+                        model, features, logits, labels, result.memory_bank,
+                        per_image=config.bank_per_image, anchors_per_class=config.anchors_per_class,
+                        negatives=config.negatives, temperature=config.temperature, generator=generator,
+                    )
+                    if nce is not None:  # None until the bank holds two classes
+                        loss = loss + config.contrastive_weight * nce
+                        result.contrastive_losses.append(float(nce.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if teacher is not None:
+                    teacher.update(model)
                 result.losses.append(float(loss.detach()))
                 result.steps += 1
                 if progress is not None:
                     progress(step, total, result.losses[-1])
     finally:
         model.train(was_training)
+    if teacher is not None:
+        result.teacher = teacher.model.eval()
     result.seconds = time.perf_counter() - start
     return result

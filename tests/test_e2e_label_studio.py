@@ -163,6 +163,9 @@ def test_label_studio_round_trip(label_studio, backend_server, camvid_dir, artif
     training = wait_until(trained, TRAINING_TIMEOUT, "the training run", interval=2)
     assert training["version"] == 1 and training["images"] == NUM_TASKS
     assert training["labeled_pixels"] >= NUM_TASKS * 2
+    # contrastive training filled the memory bank and the region projector was fitted on it
+    served = httpx.get(f"{backend_server}/health", timeout=10).json()["projects"][str(project.id)]
+    assert served["memory_bank_vectors"] > 0 and served["region_selection"] == "umap-kmeans", served
 
     # 4. new predictions come from the new version and avoid what is labeled
     client.actions.create(id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []})
@@ -181,6 +184,9 @@ def test_label_studio_round_trip(label_studio, backend_server, camvid_dir, artif
             assert (mask & labeled[task_id]).sum() <= 0.5 * mask.sum(), f"task {task_id}: proposes a labeled region"
         scores = [p["score"] for p in points]
         assert scores == sorted(scores, reverse=True)
+        # one superpixel per KMeans cluster, most informative first
+        region_scores = [r["score"] for r in prediction["result"] if r["type"] == "brushlabels"]
+        assert len(region_scores) == REGIONS and region_scores == sorted(region_scores, reverse=True)
 
     # 5. what the annotator sees: the labeling page with the predicted regions drawn
     fresh = next(p for p in sorted((camvid_dir / "train").glob("*.png")) if p.name not in names)

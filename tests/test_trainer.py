@@ -51,9 +51,8 @@ def clicks(camvid_dir, name, count, seed, cancelled=False):
 
 
 def backend_with(tmp_path, tasks, **env):
-    settings = make_settings(
-        tmp_path, SEGAL_TRAIN_STEPS=2, SEGAL_TRAIN_BATCH_SIZE=2, SEGAL_TRAIN_CROP=128, SEGAL_MAX_SIDE=240, **env
-    )
+    defaults = {"SEGAL_TRAIN_STEPS": 2, "SEGAL_TRAIN_BATCH_SIZE": 2, "SEGAL_TRAIN_CROP": 128, "SEGAL_MAX_SIDE": 240}
+    settings = make_settings(tmp_path, **{**defaults, **env})
     backend = ActiveLearningBackend(settings)
     backend.trainer.source = InMemorySource(tasks)
     return backend
@@ -72,7 +71,10 @@ def test_requests_during_a_run_become_one_follow_up(tmp_path, image_server, camv
     assert state["runs"] == 2 and state["version"] == 2 and not state["follow_up_queued"]
     assert state["labeled_pixels"] == 20 and state["step"] == state["total_steps"] == 2
     assert backend.store.current("4").name == "segal-v2"
-    assert sorted(p.name for p in (tmp_path / "models" / "4").iterdir()) == ["model-v1.pt", "model-v2.pt"]
+    files = sorted(p.name for p in (tmp_path / "models" / "4").iterdir())
+    assert [name for name in files if name.endswith(".pt")] == ["model-v1.pt", "model-v2.pt"]
+    # a projector file only ever sits next to its checkpoint (v1's bank was too small for one)
+    assert all(name.replace(".umap", ".pt") in files for name in files if name.endswith(".umap"))
 
 
 def test_a_failed_run_keeps_the_previous_version_serving(tmp_path, image_server, camvid_dir):
@@ -119,3 +121,37 @@ def test_train_every_n_annotation_events(tmp_path, image_server, camvid_dir):
     backend.trainer.wait("2", timeout=300)
     assert backend.trainer.states()["2"]["status"] == "succeeded"
     assert backend.trainer.states()["2"]["annotations_since_training"] == 0
+
+
+def test_training_publishes_a_projector_and_regions_come_from_clusters(tmp_path, image_server, camvid_dir):
+    """Paper 004 end to end in the backend: contrastive training fills the memory bank, the
+    UMAP fitted on it is published with the model, and the regions of a task are one per
+    KMeans cluster, brushed, never already labeled; a restart serves the same projector."""
+    annotated = {"id": 1, "data": {"image": f"{image_server}/train/{IMAGES[0]}"}, "annotations": [clicks(camvid_dir, IMAGES[0], 80, 5)]}
+    backend = backend_with(tmp_path, [annotated], SEGAL_TRAIN_STEPS=6, SEGAL_REGIONS_PER_TASK=4, SEGAL_MC_SAMPLES=4)
+    backend.fit("START_TRAINING", {"project": {"id": 6}})
+    backend.trainer.wait("6", timeout=600)
+    state = backend.trainer.states()["6"]
+    assert state["status"] == "succeeded", state["error"]
+    served = backend.store.current("6")
+    assert served.projector is not None and served.memory_bank is not None and len(served.memory_bank) >= 10
+    assert served.extra["served"] == "ema_teacher" and served.extra["memory_bank_vectors"] == len(served.memory_bank)
+    assert (tmp_path / "models" / "6" / "model-v1.umap").is_file()
+    assert backend.status()["projects"]["6"]["region_selection"] == "umap-kmeans"
+
+    schema = parse_label_config(FULL_CONFIG)
+    results, errors = backend.predictor.predict("6", schema, [annotated])
+    assert not errors
+    regions = [r for r in results[0]["result"] if r["type"] == "brushlabels"]
+    assert len(regions) == 4
+    scores = [r["score"] for r in regions]
+    assert scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
+    assert all(r["value"]["brushlabels"][0] in CLASSES for r in regions)
+
+    restarted = ActiveLearningBackend(backend.settings)
+    reloaded = restarted.store.current("6")
+    assert reloaded.projector is not None
+    probe = np.random.default_rng(0).standard_normal((5, reloaded.projector.dim)).astype(np.float32)
+    np.testing.assert_array_equal(reloaded.projector.transform(probe), served.projector.transform(probe))
+    again, _ = restarted.predictor.predict("6", schema, [annotated])
+    assert again[0]["result"] == results[0]["result"], "same model, same task: the same proposals"

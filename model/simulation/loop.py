@@ -93,6 +93,7 @@ def _fresh_model(config: SimulationConfig, device: torch.device) -> BayesianSegm
                 encoder=config.encoder,
                 encoder_weights=config.encoder_weights,
                 dropout=config.dropout,
+                projection_dim=0,  # paper 000's network: sparse CE only, no contrastive head
             )
         )
     return model.to(device)
@@ -136,6 +137,8 @@ def _train_cycle(model, pool: LabelPool, config: SimulationConfig, cycle: int, p
         crop_size=crop,
         augment=config.augment,
         seed=derive_seed(config.seed, cycle, TRAIN),
+        contrastive_weight=0.0,  # the simulation compares acquisitions under paper 000's training
+        ema_decay=None,
     )
     bar = tqdm(
         total=train_config.total_steps(len(samples)), desc=f"train cycle {cycle}", leave=False, disable=not progress
