@@ -148,7 +148,7 @@ class Predictor:
             image = work.image.to(device)
             if self._clusters_regions(served, schema):
                 moments, embeddings = mc_moments_and_embeddings(served.model, image, settings.mc_samples, generator)
-                embeddings = embeddings.cpu()  # [P, h, w]
+                embeddings = embeddings.cpu()  # [P, h/4, w/4], decoder resolution
             else:
                 moments = mc_moments(served.model, image, settings.mc_samples, generator=generator)[0]
             moments = moments.map_spatial(lambda t: t.cpu())
@@ -178,7 +178,10 @@ class Predictor:
                 region["original_height"], region["original_width"] = work.original_size
                 results.append(region)
         projector = served.projector if embeddings is not None else None
-        regions = self._regions(schema, task, work, labeled, probs, region_pixel_scores, generator, embeddings, projector)
+        grid_size = served.model.padded_size((height, width)) if embeddings is not None else None
+        regions = self._regions(
+            schema, task, work, labeled, probs, region_pixel_scores, generator, embeddings, projector, grid_size
+        )
         results.extend(region for region, _ in regions)
         proposed = point_scores or [score for _, score in regions]
         task_score = float(np.mean(proposed)) if proposed else 0.0
@@ -211,8 +214,9 @@ class Predictor:
         probs: torch.Tensor | None,  # [C, h, w] MC mean, None before training
         pixel_scores: torch.Tensor | None,  # [h, w] entropy or BalEnt, None before training
         generator: torch.Generator,
-        embeddings: torch.Tensor | None = None,  # [P, h, w] teacher embeddings, with a projector
+        embeddings: torch.Tensor | None = None,  # [P, h/4, w/4] teacher embeddings, with a projector
         projector=None,  # model.regions.RegionProjector
+        grid_size: tuple[int, int] | None = None,  # the padded image grid the embeddings cover
     ) -> list[tuple[dict, float]]:
         """The chosen superpixels as (Label Studio result, informativeness), best first."""
         control = schema.control("brush") or schema.control("polygon")
@@ -227,7 +231,9 @@ class Predictor:
             chosen = top_regions(sums, k, segments, labeled.numpy())
         elif projector is not None and embeddings is not None:  # paper 004: UMAP + KMeans + max per cluster
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            chosen, sums = acquire_regions(projector, embeddings, pixel_scores, segments, k, labeled.numpy(), seed=seed)
+            chosen, sums = acquire_regions(
+                projector, embeddings, pixel_scores, segments, k, labeled.numpy(), seed=seed, grid_size=grid_size
+            )
         else:
             sums = region_sums(pixel_scores, segments)
             chosen = top_regions(sums, k, segments, labeled.numpy())

@@ -129,11 +129,14 @@ def mc_moments_and_embeddings(
     generator: torch.Generator | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[MCMoments, torch.Tensor]:
-    """One image's MC moments ``[C, H, W]`` and its unit pixel embeddings ``[P, H, W]``
-    (the projection head's, bilinearly upsampled), from a single encoder/decoder pass.
+    """One image's MC moments ``[C, H, W]`` and its unit pixel embeddings ``[P, h, w]`` at the
+    decoder's resolution, from a single encoder/decoder pass.
 
-    The same moments as ``mc_moments`` for the same generator state; the embeddings give
-    paper 004's region features (``model.regions``).
+    The moments equal ``mc_moments``'s for the same generator state. The embeddings (the
+    projection head's) give paper 004's region features: they cover the padded image grid
+    ``model.padded_size((H, W))``, which is the `grid_size` to pass to
+    ``model.regions.region_embeddings`` / ``acquire_regions``. They are not upsampled here:
+    128 channels at image resolution would be 400 MB for a 1024x768 image.
     """
     images = _check(image, num_samples)[:1]
     with _eval_mode(model):
@@ -142,7 +145,7 @@ def mc_moments_and_embeddings(
         moments = _moments_from_features(model, features, num_samples, generator, chunk_size)[0]
     size = tuple(images.shape[-2:])
     moments = moments.map_spatial(lambda maps: model.upsample(maps.unsqueeze(0), size).squeeze(0))
-    return moments, model.upsample(embeddings, size)[0]
+    return moments, embeddings[0]
 
 
 @torch.no_grad()

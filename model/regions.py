@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .files import atomic_write
 from .superpixels import labeled_fraction, region_sums
@@ -68,23 +69,40 @@ KMEANS_N_INIT = 4
 WARM_UP_VECTORS = 8
 
 
-def region_embeddings(embeddings: torch.Tensor, segments: np.ndarray) -> np.ndarray:
-    """Mean embedding per superpixel, L2-normalized: ``[P, H, W]`` and segments ``[H, W]`` -> ``[K, P]`` float32.
+ROWS_PER_CHUNK = 64  # image rows upsampled at a time: 128 x 64 x 1024 floats = 32 MiB at most
 
-    `segments` holds ids 0..K-1 (``model.superpixels.seeds_superpixels``). The sums are one
-    ``index_add_`` on the embeddings' device. A region without pixels (impossible with compact
-    SEEDS ids) gets a zero row. The mean is normalized because the memory-bank vectors the
-    projector was fitted on are unit vectors, and a mean of unit vectors is shorter than one.
+
+def region_embeddings(
+    embeddings: torch.Tensor, segments: np.ndarray, grid_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Mean embedding per superpixel, L2-normalized: ``[P, h, w]`` and segments ``[H, W]`` -> ``[K, P]`` float32.
+
+    `segments` holds ids 0..K-1 (``model.superpixels.seeds_superpixels``). The embedding map
+    may be at a lower resolution (the decoder's): it then covers the image grid `grid_size`
+    ``(H', W') >= (H, W)`` (the image padded to the network's stride,
+    ``BayesianSegmenter.padded_size``), and is bilinearly upsampled exactly as
+    ``BayesianSegmenter.upsample`` does, a chunk of image rows at a time, so the full-size
+    ``[P, H, W]`` map (400 MB for a 1024x768 image) never exists. Without `grid_size` the map
+    must have the segments' size.
+
+    The sums are ``index_add_`` on the embeddings' device. A region without pixels
+    (impossible with compact SEEDS ids) gets a zero row. The mean is normalized because the
+    memory-bank vectors the projector was fitted on are unit vectors, and a mean of unit
+    vectors is shorter than one.
     """
     if embeddings.ndim != 3:
-        raise ValueError(f"Expected an embedding map [P, H, W], got shape {tuple(embeddings.shape)}.")
+        raise ValueError(f"Expected an embedding map [P, h, w], got shape {tuple(embeddings.shape)}.")
     segments = np.asarray(segments)
-    if segments.shape != tuple(embeddings.shape[1:]):
-        raise ValueError(
-            f"Embedding map {tuple(embeddings.shape)} and segments {segments.shape} differ in size: upsample the "
-            "embeddings to the segments' size (torch.nn.functional.interpolate) or compute superpixels at the "
-            "embeddings' resolution."
-        )
+    if segments.ndim != 2:
+        raise ValueError(f"Expected segments [H, W], got shape {segments.shape}.")
+    if grid_size is None:
+        if segments.shape != tuple(embeddings.shape[1:]):
+            raise ValueError(
+                f"Embedding map {tuple(embeddings.shape)} and segments {segments.shape} differ in size: pass "
+                "grid_size, the (H, W) image grid the map covers, or compute superpixels at the map's resolution."
+            )
+    elif grid_size[0] < segments.shape[0] or grid_size[1] < segments.shape[1]:
+        raise ValueError(f"grid_size {tuple(grid_size)} is smaller than the segments {segments.shape}.")
     if not np.issubdtype(segments.dtype, np.integer):
         raise ValueError(f"Segments must hold integer region ids, got dtype {segments.dtype}.")
     if segments.size == 0:
@@ -93,12 +111,27 @@ def region_embeddings(embeddings: torch.Tensor, segments: np.ndarray) -> np.ndar
         raise ValueError("Segments must hold region ids >= 0 (as seeds_superpixels returns).")
     dim, count = embeddings.shape[0], int(segments.max()) + 1
     device = embeddings.device
-    index = torch.from_numpy(segments.reshape(-1).astype(np.int64, copy=False)).to(device)  # [HW]
-    flat = embeddings.detach().reshape(dim, -1).to(torch.float32)  # [P, HW]
-    sums = torch.zeros(dim, count, dtype=torch.float32, device=device).index_add_(1, index, flat)  # [P, K]
-    sizes = torch.bincount(index, minlength=count).clamp_(min=1).to(torch.float32)  # [K]
+    maps = embeddings.detach().to(torch.float32)
+    index = torch.from_numpy(segments.astype(np.int64, copy=False)).to(device)  # [H, W]
+    sums = torch.zeros(dim, count, dtype=torch.float32, device=device)  # [P, K]
+    height, width = segments.shape
+    if grid_size is None:
+        sums.index_add_(1, index.reshape(-1), maps.reshape(dim, -1))
+    else:
+        grid_h, grid_w = grid_size
+        # grid_sample, align_corners=False: -1 and 1 are the outer edges of the grid_size image
+        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * 2.0 / grid_w - 1.0  # [W]
+        for top in range(0, height, ROWS_PER_CHUNK):
+            rows = torch.arange(top, min(top + ROWS_PER_CHUNK, height), device=device, dtype=torch.float32)
+            ys = (rows + 0.5) * 2.0 / grid_h - 1.0  # [r]
+            grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)  # [r, W, 2] (x, y)
+            block = F.grid_sample(
+                maps[None], grid[None], mode="bilinear", padding_mode="border", align_corners=False
+            )  # [1, P, r, W]
+            sums.index_add_(1, index[top : top + len(rows)].reshape(-1), block[0].reshape(dim, -1))
+    sizes = torch.bincount(index.reshape(-1), minlength=count).clamp_(min=1).to(torch.float32)  # [K]
     means = (sums / sizes).T  # [K, P]
-    return torch.nn.functional.normalize(means, dim=1).cpu().numpy().astype(np.float32, copy=False)
+    return F.normalize(means, dim=1).cpu().numpy().astype(np.float32, copy=False)
 
 
 class RegionProjector:
@@ -346,10 +379,13 @@ def acquire_regions(
     labeled: np.ndarray | None = None,
     max_labeled_fraction: float = 0.5,
     seed: int = 0,
+    grid_size: tuple[int, int] | None = None,
 ) -> tuple[list[int], np.ndarray]:
     """Paper 004's region choice for one image: (region ids best first, informativeness ``[K]`` of all regions).
 
-    `embeddings` ``[P, H, W]`` (teacher pixel embeddings), `pixel_scores` ``[H, W]`` (entropy
+    `embeddings` ``[P, H, W]`` (teacher pixel embeddings; or ``[P, h, w]`` at the decoder's
+    resolution covering the image grid `grid_size`, see ``region_embeddings``),
+    `pixel_scores` ``[H, W]`` (entropy
     or BalEnt), `segments` ``[H, W]`` ids 0..K-1, `labeled` ``[H, W]`` bool. A region more than
     `max_labeled_fraction` labeled is excluded (the rule of ``model.superpixels.top_regions``).
     Only candidate regions are projected, and only when there are more of them than k.
@@ -367,7 +403,7 @@ def acquire_regions(
     pool = np.flatnonzero(candidates)
     coordinates = np.zeros((count, projector.n_components), dtype=np.float32)  # [K, d]
     if len(pool) > k > 0:  # otherwise every candidate (or none) is taken: no clustering needed
-        features = region_embeddings(embeddings, segments)  # [K, P]
+        features = region_embeddings(embeddings, segments, grid_size)  # [K, P]
         if len(features) != count:
             raise ValueError(f"Got {len(features)} region features for {count} regions.")  # cannot happen; guard
         coordinates[pool] = projector.transform(features[pool])

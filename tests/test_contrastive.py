@@ -3,6 +3,7 @@ the projection head, and contrastive training on real CamVid frames."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,12 +187,28 @@ def test_sampled_embeddings_equal_the_upsampled_map(small_model):
     assert torch.allclose(sampled.norm(dim=1), torch.ones(5), atol=1e-5)
 
 
+def test_region_features_from_the_decoder_map_equal_those_of_the_upsampled_map(small_model):
+    from model.regions import ROWS_PER_CHUNK, region_embeddings
+
+    height, width = ROWS_PER_CHUNK + 37, 90  # two row chunks; not a multiple of the stride
+    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        embeddings = small_model.embed(small_model.features(image))[0]  # [128, h, w]
+        upsampled = small_model.upsample(embeddings[None], (height, width))[0]  # [128, H, W]
+    segments = (torch.arange(height)[:, None] // 9 * 10 + torch.arange(width)[None, :] // 9).numpy()
+    segments = np.unique(segments, return_inverse=True)[1].reshape(height, width)
+    chunked = region_embeddings(embeddings, segments, grid_size=small_model.padded_size((height, width)))
+    np.testing.assert_allclose(chunked, region_embeddings(upsampled, segments), atol=1e-5)
+    with pytest.raises(ValueError, match="grid_size"):
+        region_embeddings(embeddings, segments)
+
+
 def test_moments_with_embeddings_match_plain_mc_moments(small_model):
     image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(1))
     plain = mc_moments(small_model, image, 6, generator=torch.Generator().manual_seed(3))[0]
     moments, embeddings = mc_moments_and_embeddings(small_model, image, 6, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(moments.mean, plain.mean) and torch.allclose(moments.mean_entropy, plain.mean_entropy)
-    assert embeddings.shape == (128, 64, 96)
+    assert embeddings.shape == (128, 16, 24)  # decoder resolution: 1/4 of the padded 64 x 96
 
 
 def test_no_projection_head_gives_a_clear_error():
