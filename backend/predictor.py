@@ -36,7 +36,7 @@ from model.acquisition import score_moments, select_pixels
 from model.data import IGNORE_INDEX
 from model.mc_dropout import mc_moments, mc_moments_and_embeddings
 from model.moments import entropy
-from model.regions import acquire_regions
+from model.regions import RegionProjector, acquire_regions
 from model.superpixels import (
     SuperpixelCache,
     majority_labels,
@@ -57,6 +57,17 @@ log = logging.getLogger(__name__)
 
 class TaskError(ValueError):
     """One task cannot be predicted (no image field, unreadable image...)."""
+
+
+@dataclass
+class RegionEvidence:
+    """What the model says about a task's image, for choosing regions (all None before training)."""
+
+    probs: torch.Tensor | None = None  # [C, h, w] MC mean
+    pixel_scores: torch.Tensor | None = None  # [h, w] entropy or BalEnt, summed per region
+    embeddings: torch.Tensor | None = None  # [P, h/4, w/4] teacher embeddings, with a projector
+    grid_size: tuple[int, int] | None = None  # the padded image grid the embeddings cover
+    projector: RegionProjector | None = None  # UMAP on the memory bank
 
 
 @dataclass
@@ -138,17 +149,18 @@ class Predictor:
         labeled = torch.from_numpy(labels != IGNORE_INDEX)  # [h, w]
         generator = torch.Generator().manual_seed(_task_seed(settings.seed, task))
 
-        embeddings = None
+        evidence = RegionEvidence()
         if served.model is None:  # cold start: random pixels and regions, no prediction
             probs = None
             pixel_scores = torch.rand(height, width, generator=generator, dtype=torch.float64)
-            region_pixel_scores = None
         else:
             device = next(served.model.parameters()).device
             image = work.image.to(device)
             if self._clusters_regions(served, schema):
                 moments, embeddings = mc_moments_and_embeddings(served.model, image, settings.mc_samples, generator)
-                embeddings = embeddings.cpu()  # [P, h/4, w/4], decoder resolution
+                evidence.embeddings = embeddings.cpu()  # [P, h/4, w/4], decoder resolution
+                evidence.grid_size = served.model.padded_size((height, width))
+                evidence.projector = served.projector
             else:
                 moments = mc_moments(served.model, image, settings.mc_samples, generator=generator)[0]
             moments = moments.map_spatial(lambda t: t.cpu())
@@ -156,10 +168,11 @@ class Predictor:
             pixel_scores = score_moments(
                 settings.acquisition, moments, budget=settings.points_per_task, candidates=~labeled, generator=generator
             )
+            evidence.probs = probs
             if settings.region_score == "balent":
-                region_pixel_scores = score_moments("balent", moments, generator=generator)
+                evidence.pixel_scores = score_moments("balent", moments, generator=generator)
             else:
-                region_pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
+                evidence.pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
 
         results: list[dict] = []
         point_scores: list[float] = []
@@ -177,11 +190,7 @@ class Predictor:
                 # percent coordinates are the same at any resolution; Label Studio wants the shown size
                 region["original_height"], region["original_width"] = work.original_size
                 results.append(region)
-        projector = served.projector if embeddings is not None else None
-        grid_size = served.model.padded_size((height, width)) if embeddings is not None else None
-        regions = self._regions(
-            schema, task, work, labeled, probs, region_pixel_scores, generator, embeddings, projector, grid_size
-        )
+        regions = self._regions(schema, task, work, labeled, evidence, generator)
         results.extend(region for region, _ in regions)
         proposed = point_scores or [score for _, score in regions]
         task_score = float(np.mean(proposed)) if proposed else 0.0
@@ -211,12 +220,8 @@ class Predictor:
         task: dict,
         work: WorkingImage,
         labeled: torch.Tensor,  # [h, w] bool
-        probs: torch.Tensor | None,  # [C, h, w] MC mean, None before training
-        pixel_scores: torch.Tensor | None,  # [h, w] entropy or BalEnt, None before training
+        evidence: RegionEvidence,
         generator: torch.Generator,
-        embeddings: torch.Tensor | None = None,  # [P, h/4, w/4] teacher embeddings, with a projector
-        projector=None,  # model.regions.RegionProjector
-        grid_size: tuple[int, int] | None = None,  # the padded image grid the embeddings cover
     ) -> list[tuple[dict, float]]:
         """The chosen superpixels as (Label Studio result, informativeness), best first."""
         control = schema.control("brush") or schema.control("polygon")
@@ -226,24 +231,25 @@ class Predictor:
         key = f"{task.get('data', {}).get(schema.image_key)}|{height}x{width}|{self.settings.superpixels}"
         segments = self.superpixels.get(key, lambda: seeds_superpixels(to_uint8_rgb(work.image), self.settings.superpixels))
         k = self.settings.regions_per_task
-        if pixel_scores is None:  # cold start: a random score per region
+        if evidence.pixel_scores is None:  # cold start: a random score per region
             sums = torch.rand(int(segments.max()) + 1, generator=generator, dtype=torch.float64).numpy()
             chosen = top_regions(sums, k, segments, labeled.numpy())
-        elif projector is not None and embeddings is not None:  # paper 004: UMAP + KMeans + max per cluster
+        elif evidence.projector is not None:  # paper 004: UMAP + KMeans, the most informative per cluster
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
             chosen, sums = acquire_regions(
-                projector, embeddings, pixel_scores, segments, k, labeled.numpy(), seed=seed, grid_size=grid_size
+                evidence.projector, evidence.embeddings, evidence.pixel_scores, segments, k, labeled.numpy(),
+                seed=seed, grid_size=evidence.grid_size,
             )
         else:
-            sums = region_sums(pixel_scores, segments)
+            sums = region_sums(evidence.pixel_scores, segments)
             chosen = top_regions(sums, k, segments, labeled.numpy())
         if not chosen:
             return []
         allowed = [schema.class_index[name] for name in control.labels]
-        if probs is None:
+        if evidence.probs is None:
             region_labels = {region: control.labels[0] for region in chosen}
         else:
-            restricted = probs[allowed].argmax(0).numpy()  # [h, w] index into `allowed`
+            restricted = evidence.probs[allowed].argmax(0).numpy()  # [h, w] index into `allowed`
             majority = majority_labels(restricted, segments, len(allowed))
             region_labels = {region: control.labels[int(majority[region])] for region in chosen}
         # regions are drawn at the size Label Studio shows the image
