@@ -163,3 +163,13 @@ class SegmentationFolder:
         if self.void_index is not None:
             labels[labels == self.void_index] = IGNORE_INDEX
         return image, labels
+
+
+def random_sparse_labels(dense: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Keep `count` uniformly random labeled pixels of a dense label map ``[H, W]``, IGNORE_INDEX
+    elsewhere: clicks by a simulated annotator, for tests, benchmarks and demos."""
+    labeled = torch.nonzero(dense.reshape(-1) != IGNORE_INDEX).squeeze(1)
+    keep = labeled[torch.randperm(labeled.numel(), generator=generator)[:count]]
+    sparse = torch.full_like(dense, IGNORE_INDEX)
+    sparse.view(-1)[keep] = dense.reshape(-1)[keep]
+    return sparse

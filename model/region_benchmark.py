@@ -32,7 +32,7 @@ import torch
 
 from .benchmark import DEFAULT_IMAGE_DIR
 from .contrastive import MemoryBank, bank_candidates, pixel_entropy, sample_embeddings
-from .data import IGNORE_INDEX, SegmentationFolder
+from .data import IGNORE_INDEX, SegmentationFolder, random_sparse_labels
 from .mc_dropout import mc_moments, mc_moments_and_embeddings
 from .moments import entropy
 from .network import ModelConfig, build_model
@@ -42,14 +42,6 @@ from .training import TrainConfig, train
 
 NUM_SAMPLES = 20
 REGIONS = 10  # k: regions asked for per image (paper 004's budget per cycle is per dataset; 10 is generous)
-
-
-def _sparse(dense: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    labeled = torch.nonzero(dense.view(-1) != IGNORE_INDEX).squeeze(1)
-    keep = labeled[torch.randperm(labeled.numel(), generator=generator)[:count]]
-    sparse = torch.full_like(dense, IGNORE_INDEX)
-    sparse.view(-1)[keep] = dense.view(-1)[keep]
-    return sparse
 
 
 @torch.no_grad()
@@ -81,7 +73,7 @@ def run(data: Path, images: int, repeats: int) -> dict:
     train_folder = SegmentationFolder(data, "train")
     generator = torch.Generator().manual_seed(0)
     picks = np.linspace(0, len(train_folder) - 1, images).round().astype(int).tolist()
-    samples = [(train_folder[i][0], _sparse(train_folder[i][1], 200, generator)) for i in picks]
+    samples = [(train_folder[i][0], random_sparse_labels(train_folder[i][1], 200, generator)) for i in picks]
     model = build_model(ModelConfig(num_classes=11))
     start = time.perf_counter()
     result = train(model, samples, TrainConfig(steps=20, batch_size=2, crop_size=(360, 480)))

@@ -20,7 +20,7 @@ from model.contrastive import (
     info_nce,
     sample_embeddings,
 )
-from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
+from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder, random_sparse_labels
 from model.mc_dropout import mc_moments, mc_moments_and_embeddings
 from model.training import TrainConfig, train
 
@@ -231,11 +231,7 @@ def sparse_camvid(camvid_dir):
     samples = []
     for index in (0, 90, 180, 270):
         image, dense = folder[index]
-        labeled = torch.nonzero(dense.view(-1) != IGNORE_INDEX).squeeze(1)
-        keep = labeled[torch.randperm(labeled.numel(), generator=generator)[:300]]
-        sparse = torch.full_like(dense, IGNORE_INDEX)
-        sparse.view(-1)[keep] = dense.view(-1)[keep]
-        samples.append((image, sparse))
+        samples.append((image, random_sparse_labels(dense, 300, generator)))
     return samples
 
 

@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from model import ModelConfig, build_model
-from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
+from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder, random_sparse_labels
 from model.training import TrainConfig, sparse_cross_entropy, train
 
 PIXELS_PER_IMAGE = 50
-
-
-def _sparsify(dense: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Keep `count` random labeled (non-void) pixels of a dense label map, IGNORE_INDEX elsewhere."""
-    candidates = torch.nonzero(dense.view(-1) != IGNORE_INDEX).squeeze(1)
-    chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
-    sparse = torch.full_like(dense, IGNORE_INDEX)
-    sparse.view(-1)[chosen] = dense.view(-1)[chosen]
-    return sparse
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,7 @@ def sparse_camvid(camvid_dir) -> list[tuple[torch.Tensor, torch.Tensor]]:
     samples = []
     for index in (0, 90, 180, 270):  # different sequences of the split
         image, dense = folder[index]
-        samples.append((image, _sparsify(dense, PIXELS_PER_IMAGE, generator)))
+        samples.append((image, random_sparse_labels(dense, PIXELS_PER_IMAGE, generator)))
     return samples
 
 
