@@ -7,6 +7,7 @@ a real Label Studio in tests/test_e2e_label_studio.py.
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import torch
 
@@ -155,3 +156,11 @@ def test_training_publishes_a_projector_and_regions_come_from_clusters(tmp_path,
     np.testing.assert_array_equal(reloaded.projector.transform(probe), served.projector.transform(probe))
     again, _ = restarted.predictor.predict("6", schema, [annotated])
     assert again[0]["result"] == results[0]["result"], "same model, same task: the same proposals"
+
+    # summed BalEnt as the informativeness: still one region per cluster, best first, JSON-safe
+    balent = ActiveLearningBackend(dataclasses.replace(backend.settings, region_score="balent"))
+    by_balent, errors = balent.predictor.predict("6", schema, [annotated])
+    assert not errors
+    scores = [r["score"] for r in by_balent[0]["result"] if r["type"] == "brushlabels"]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
+    assert scores != [r["score"] for r in regions]
