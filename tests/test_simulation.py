@@ -179,3 +179,103 @@ def test_balent_queries_keep_the_torch_thread_count(camvid_dir, tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+CLUSTERED = {"mode": "region", "acquisition": "entropy", "selection": "umap-kmeans", "regions": 2, "superpixels": 100}
+R = CLUSTERED["regions"]
+
+
+def _assert_r_new_whole_regions_per_cycle(state, cycles):
+    for revealed_at, segments in zip(state.revealed_at, state.segments):
+        for cycle in cycles:
+            regions = np.unique(segments[revealed_at == cycle])
+            assert len(regions) == R  # exactly R new regions per image per cycle
+            for region in regions:  # whole, and once: never a region revealed before
+                assert (revealed_at[segments == region] == cycle).all()
+
+
+@pytest.fixture(scope="module")
+def clustered(camvid_dir, tmp_path_factory):
+    """Paper 004's Algorithm 1, 2 cycles; and a warm-started one, interrupted after cycle 1 and not.
+
+    The first UMAP fit of the process compiles numba code (~40 s here); later fits take a second.
+    """
+    quiet = {"progress": False, "log": lambda _: None}
+    run = run_simulation(tiny(camvid_dir, cycles=2, **CLUSTERED), tmp_path_factory.mktemp("clustered"), **quiet)
+    out = tmp_path_factory.mktemp("clustered-warm")
+    run_simulation(tiny(camvid_dir, cycles=1, warm_start=True, **CLUSTERED), out, **quiet)
+    resumed = run_simulation(tiny(camvid_dir, cycles=2, warm_start=True, **CLUSTERED), out, **quiet)
+    straight_out = tmp_path_factory.mktemp("clustered-straight")
+    straight = run_simulation(tiny(camvid_dir, cycles=2, warm_start=True, **CLUSTERED), straight_out, **quiet)
+    return run, resumed, straight
+
+
+def test_umap_kmeans_runs_paper_004_and_reveals_r_new_regions_per_cycle(clustered):
+    from model.checkpoint import load_checkpoint
+    from model.regions import MIN_FIT_VECTORS
+
+    run, resumed, straight = clustered
+    assert "umap-kmeans" in run.folder.name and run.folder.name == "region-entropy-umap-kmeans-seed0"
+    state = load_state(run.folder)
+    assert state.config["selection"] == "umap-kmeans"
+    _assert_r_new_whole_regions_per_cycle(state, (1, 2, 3))  # cold start, then the clustered queries
+    assert all(segments.max() + 1 > 3 * R for segments in state.segments)  # KMeans had more candidates than R
+    for row in run.rows:
+        # every cycle fitted UMAP on its bank, so its queries were the clustered ones, not the fallback
+        assert row["projector_vectors"] >= MIN_FIT_VECTORS
+        assert row["projector_seconds"] > 0 and row["acquire_seconds"] > 0
+        assert 0.0 <= row["miou"] <= 1.0
+    with open(run.folder / "metrics.csv") as file:
+        header = next(csv.reader(file))
+    assert header[: len(METRIC_COLUMNS)] == list(METRIC_COLUMNS)
+    assert {"projector_vectors", "projector_seconds"} <= set(header)
+    # the evaluated model (the EMA teacher, with the projection head) is saved with its memory bank
+    model, meta = load_checkpoint(run.folder / "model.pt")
+    assert model.config.projection_dim == 128
+    assert meta["memory_bank"] is not None and len(meta["memory_bank"]) == run.rows[-1]["projector_vectors"]
+    # warm start: the resumed run continues the saved teacher and bank exactly as an uninterrupted one
+    _assert_r_new_whole_regions_per_cycle(load_state(resumed.folder), (1, 2, 3))
+    assert [row["miou"] for row in resumed.rows] == [row["miou"] for row in straight.rows]
+    assert [row["projector_vectors"] for row in resumed.rows] == [row["projector_vectors"] for row in straight.rows]
+    for a, b in zip(load_state(resumed.folder).revealed_at, load_state(straight.folder).revealed_at):
+        assert np.array_equal(a, b)
+
+
+def test_umap_kmeans_falls_back_to_rank_when_the_bank_is_too_small(camvid_dir, tmp_path, monkeypatch):
+    from model.simulation import loop
+
+    monkeypatch.setattr(loop, "MIN_FIT_VECTORS", 10**9)  # no bank is large enough
+    messages = []
+    result = run_simulation(tiny(camvid_dir, cycles=1, **CLUSTERED), tmp_path, progress=False, log=messages.append)
+    assert result.rows[0]["projector_vectors"] == 0  # recorded: no projector, ranked by summed entropy
+    assert any("ranked by summed score instead" in message for message in messages)
+    _assert_r_new_whole_regions_per_cycle(load_state(result.folder), (1, 2))
+
+
+def test_selection_config_errors_and_old_runs_without_it(camvid_dir, tmp_path, capsys):
+    from model.simulation.config import differences
+    from model.simulation.plots import run_label
+
+    with pytest.raises(ValueError, match="mode 'region'"):
+        tiny(camvid_dir, mode="pixel", acquisition="entropy", selection="umap-kmeans")
+    with pytest.raises(ValueError, match="'random' has no score"):
+        tiny(camvid_dir, mode="region", acquisition="random", selection="umap-kmeans")
+    with pytest.raises(ValueError, match="selection must be one of"):
+        tiny(camvid_dir, mode="region", selection="kmeans")
+    # a run saved before the field existed resumes as rank, with its old folder name
+    rank = tiny(camvid_dir, **{**CLUSTERED, "selection": "rank"})
+    old = {key: value for key, value in rank.to_dict().items() if key != "selection"}
+    assert differences(old, rank) == []
+    assert rank.run_name == "region-entropy-seed0"
+    assert differences(old, tiny(camvid_dir, **CLUSTERED)) == ["selection: 'rank' -> 'umap-kmeans'"]
+    # the supervised reference never queries: the selection does not apply to it
+    assert not tiny(camvid_dir, acquisition="supervised", selection="umap-kmeans").clustered
+    # the figures keep umap-kmeans runs apart from the rank runs of the same acquisition
+    assert run_label(old) == "region entropy"
+    assert run_label(tiny(camvid_dir, **CLUSTERED).to_dict()) == "region entropy umap-kmeans"
+    # the command line refuses before running anything
+    flags = ["--data", str(camvid_dir), "--out", str(tmp_path), *TINY_FLAGS, "--no-plots", "--selection", "umap-kmeans"]
+    assert simulate([*flags, "--mode", "pixel", "--acquisition", "entropy"]) == 2
+    assert simulate([*flags, "--mode", "region", "--acquisition", "random"]) == 2
+    assert "'random' has no score" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -5,9 +5,10 @@
     segal-simulate plot OUT        # figures and summary table of every run under OUT
 
 Each (acquisition, seed) is one run in ``OUT/<mode>-<acquisition>-seed<S>/`` (``supervised-seed<S>``
-for the full-supervision reference), holding metrics.csv, metrics.json, state.npz and the
-last model.pt. Rerunning a command resumes every run after its last finished cycle; after
-the runs, the shared figures and summary.md are (re)written in OUT.
+for the full-supervision reference, ``region-<acquisition>-umap-kmeans-seed<S>`` for paper 004's
+clustered region selection, ``--mode region --selection umap-kmeans``), holding metrics.csv,
+metrics.json, state.npz and the last model.pt. Rerunning a command resumes every run after its
+last finished cycle; after the runs, the shared figures and summary.md are (re)written in OUT.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..acquisition import names as acquisition_names
-from .config import MODES, PROFILES, SUPERVISED, SimulationConfig, profile_config
+from .config import MODES, PROFILES, SELECTIONS, SUPERVISED, SimulationConfig, profile_config
 from .loop import ConfigMismatch, run_simulation
 from .plots import make_plots
 
@@ -72,9 +73,17 @@ def _run_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         help=f"one or more of {[*acquisition_names(), SUPERVISED]}, or 'all' (default: balent in pixel "
-        "mode, entropy in region mode)",
+        "mode, entropy in region mode; with --selection umap-kmeans, 'all' leaves out random)",
     )
     parser.add_argument("--mode", choices=MODES, default="pixel", help="query pixels or superpixels")
+    parser.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="rank",
+        help="region mode: 'rank' takes the top R superpixels by summed score (paper 000's training); "
+        "'umap-kmeans' runs paper 004's Algorithm 1: contrastive training with a memory bank and EMA "
+        "teacher, UMAP on the bank, KMeans into R clusters, the best region of each (default rank)",
+    )
     parser.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
     for flag, field, kind, text in OVERRIDES:
         parser.add_argument(flag, type=kind, help=f"{text} [{_profile_values(field)}]")
@@ -107,11 +116,12 @@ def _overrides(args: argparse.Namespace) -> dict:
     return values
 
 
-def _acquisitions(requested: list[str] | None) -> list[str | None]:
+def _acquisitions(requested: list[str] | None, selection: str) -> list[str | None]:
     if not requested:
         return [None]  # the mode's default
     if requested == ["all"]:
-        return [*acquisition_names(), SUPERVISED]
+        # the clustered selection needs a pixel score: random has none
+        return [name for name in (*acquisition_names(), SUPERVISED) if selection == "rank" or name != "random"]
     return requested
 
 
@@ -127,12 +137,13 @@ def simulate(argv: list[str]) -> int:
                 args.profile,
                 args.data,
                 mode=args.mode,
+                selection=args.selection,
                 seed=seed,
                 **overrides,
                 **({"acquisition": name} if name else {}),
             )
             for seed in args.seed
-            for name in _acquisitions(args.acquisition)
+            for name in _acquisitions(args.acquisition, args.selection)
         ]
         for config in configs:
             run_simulation(config, out, progress=not args.no_progress)

@@ -26,13 +26,17 @@ from pathlib import Path
 from ..acquisition import names as acquisition_names
 
 MODES = ("pixel", "region")
+SELECTIONS = ("rank", "umap-kmeans")  # region mode: top-R by summed score, or paper 004's clustering
 SUPERVISED = "supervised"  # the full-supervision reference: dense labels, one training, no acquisition
 # Region mode ranks superpixels by a pixel score summed over each region (paper 004, eq. 6).
 DEFAULT_ACQUISITION = {"pixel": "balent", "region": "entropy"}
 # Not part of a run's identity: changing them never changes a recorded figure.
 RESUMABLE_FIELDS = ("cycles", "device", "eval_batch_size")
 # The supervised reference never queries: these settings cannot change it.
-QUERY_FIELDS = ("mode", "pixels", "regions", "superpixels", "mc_samples")
+QUERY_FIELDS = ("mode", "pixels", "regions", "superpixels", "mc_samples", "selection")
+# Fields added after runs were saved, with the value every older run had: a saved config
+# without them compares as if it held these (an old run resumes without a spurious difference).
+LEGACY_DEFAULTS = {"selection": "rank"}
 
 
 @dataclass
@@ -46,6 +50,9 @@ class SimulationConfig:
     pixels: int = 5  # n, pixel mode: labeled pixels per image, at the cold start and per cycle
     regions: int = 3  # region mode: superpixels per image, at the cold start and per cycle
     superpixels: int = 150  # region mode: SEEDS superpixels asked for per image (SEEDS rounds it)
+    # region mode: "rank" (top R by summed score) or "umap-kmeans" (paper 004's Algorithm 1,
+    # contrastive training included); the supervised reference ignores it
+    selection: str = "rank"
     train_split: str = "train"
     eval_split: str = "val"
     scale: float = 0.25  # image downscale factor (1 = the files' resolution)
@@ -86,16 +93,40 @@ class SimulationConfig:
                 raise ValueError(f"{name} must be >= 1 (or None for the whole split), got {value}.")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (DeepLabV3+'s ASPP BatchNorm fails on a batch of one).")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
+        if self.clustered and self.mode != "region":
+            raise ValueError(
+                "selection 'umap-kmeans' clusters superpixels (paper 004): use it with mode 'region' "
+                "(--mode region), or keep selection 'rank' in pixel mode."
+            )
+        if self.clustered and self.acquisition == "random":
+            raise ValueError(
+                "selection 'umap-kmeans' takes the region with the largest summed acquisition score in each "
+                "cluster, and 'random' has no score: use another acquisition (entropy is paper 004's), or "
+                "selection 'rank' for uniformly random regions."
+            )
 
     @property
     def supervised(self) -> bool:
         return self.acquisition == SUPERVISED
 
     @property
+    def clustered(self) -> bool:
+        """Paper 004's Algorithm 1: contrastive training, EMA teacher, UMAP + KMeans region choice.
+
+        False for the supervised reference, which never queries and keeps paper 000's training.
+        """
+        return self.selection == "umap-kmeans" and not self.supervised
+
+    @property
     def run_name(self) -> str:
-        """Folder of this run inside the output directory: ``<mode>-<acquisition>-seed<k>``."""
+        """Folder of this run inside the output directory: ``<mode>-<acquisition>-seed<k>``
+        (``region-<acquisition>-umap-kmeans-seed<k>`` for the clustered selection)."""
         if self.supervised:
             return f"{SUPERVISED}-seed{self.seed}"
+        if self.clustered:
+            return f"{self.mode}-{self.acquisition}-{self.selection}-seed{self.seed}"
         return f"{self.mode}-{self.acquisition}-seed{self.seed}"
 
     def to_dict(self) -> dict:
@@ -111,6 +142,7 @@ class SimulationConfig:
 
 def differences(saved: dict, current: SimulationConfig) -> list[str]:
     """``"name: saved -> current"`` for each setting that would change the recorded results."""
+    saved = {**LEGACY_DEFAULTS, **saved}
     now = current.to_dict()
     ignored = set(RESUMABLE_FIELDS) | (set(QUERY_FIELDS) if current.supervised else set())
     keys = sorted((set(saved) | set(now)) - ignored)

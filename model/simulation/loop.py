@@ -22,6 +22,22 @@ over, so a resumed run repeats exactly what an uninterrupted one does (on CPU).
 
 The supervised reference (acquisition ``"supervised"``) is one cycle on the dense labels
 of the same pool, with the same network and training schedule.
+
+Paper 004's Algorithm 1 (``selection="umap-kmeans"``, region mode) changes three steps:
+
+1. the network has the 128-d projection head and trains with CE + 0.1 InfoNCE against a
+   per-class memory bank, with an EMA teacher (decay 0.99; ``model.training``). The bank
+   starts empty with every fresh initialization; ``warm_start`` continues both the teacher's
+   weights and the bank;
+2. the teacher is evaluated (and saved, with the bank), not the student;
+3. after training, a ``RegionProjector`` (UMAP) is fitted on the bank, and each pool image
+   gets R regions from ``acquire_regions`` (the teacher's region embeddings, KMeans into R
+   clusters, the largest summed acquisition score per cluster). A bank with fewer vectors
+   than UMAP needs (``MIN_FIT_VECTORS``) falls back to the rank selection for that cycle;
+   the ``projector_vectors`` column is 0 then (the fit's time: ``projector_seconds``).
+
+Rank runs keep paper 000's training (no projection head, no contrastive loss, no teacher),
+so their figures do not change with this option.
 """
 
 from __future__ import annotations
@@ -40,20 +56,27 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import CAMVID_CLASSES, IGNORE_INDEX
-from ..mc_dropout import mc_moments
+from ..contrastive import MemoryBank
+from ..mc_dropout import mc_moments, mc_moments_and_embeddings
 from ..network import BayesianSegmenter, ModelConfig, build_model
+from ..regions import MIN_FIT_VECTORS, RegionProjector
 from ..superpixels import REFERENCE_AREA, seeds_superpixels, to_uint8_rgb
 from ..training import TrainConfig, train
 from .config import SimulationConfig, differences
 from .metrics import class_iou, diversity, mean_iou
 from .pool import LabelPool
-from .queries import cold_start, query_pixels, query_regions
+from .queries import cold_start, query_clustered_regions, query_pixels, query_regions
 from .report import write_metrics
 from .splits import evaluate, load_split, same_shape_batches
 from .state import RunState, load_state, save_state
 
 # Purposes of the seeded random streams (see derive_seed).
-INIT, TRAIN, MC, QUERY, COLD_START = range(5)
+INIT, TRAIN, MC, QUERY, COLD_START, PROJECTOR = range(6)
+
+# Paper 004's training for the umap-kmeans selection (section 3.2, Algorithm 1 steps 12, 14)
+PROJECTION_DIM = 128
+CONTRASTIVE_WEIGHT = 0.1  # L_total = L_CE + 0.1 * L_contra
+EMA_DECAY = 0.99
 
 
 class ConfigMismatch(RuntimeError):
@@ -83,7 +106,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _fresh_model(config: SimulationConfig, device: torch.device) -> BayesianSegmenter:
-    """The pretrained initialization, identical for every cycle of a seed (seeded head init)."""
+    """The pretrained initialization, identical for every cycle of a seed (seeded head init).
+
+    Rank runs build paper 000's network (no projection head), exactly as before the
+    umap-kmeans selection existed; umap-kmeans runs add paper 004's 128-d projection head.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, 0, INIT))
         model = build_model(
@@ -93,7 +120,8 @@ def _fresh_model(config: SimulationConfig, device: torch.device) -> BayesianSegm
                 encoder=config.encoder,
                 encoder_weights=config.encoder_weights,
                 dropout=config.dropout,
-                projection_dim=0,  # paper 000's network: sparse CE only, no contrastive head
+                # paper 000's network (sparse CE only, no contrastive head) unless paper 004's
+                projection_dim=PROJECTION_DIM if config.clustered else 0,
             )
         )
     return model.to(device)
@@ -123,7 +151,10 @@ def _prepare_folder(config: SimulationConfig, folder: Path) -> RunState | None:
     return state
 
 
-def _train_cycle(model, pool: LabelPool, config: SimulationConfig, cycle: int, progress: bool):
+def _train_cycle(
+    model, pool: LabelPool, config: SimulationConfig, cycle: int, progress: bool, memory_bank: MemoryBank | None = None
+):
+    """Train `model` in place on the labels of `cycle`; `memory_bank` (umap-kmeans) continues a bank."""
     samples = [
         (pool.images[i], pool.dense_labels(i) if config.supervised else pool.sparse_labels(i, cycle))
         for i in range(len(pool))
@@ -137,8 +168,9 @@ def _train_cycle(model, pool: LabelPool, config: SimulationConfig, cycle: int, p
         crop_size=crop,
         augment=config.augment,
         seed=derive_seed(config.seed, cycle, TRAIN),
-        contrastive_weight=0.0,  # the simulation compares acquisitions under paper 000's training
-        ema_decay=None,
+        # rank: acquisitions compared under paper 000's training; umap-kmeans: paper 004's
+        contrastive_weight=CONTRASTIVE_WEIGHT if config.clustered else 0.0,
+        ema_decay=EMA_DECAY if config.clustered else None,
     )
     bar = tqdm(
         total=train_config.total_steps(len(samples)), desc=f"train cycle {cycle}", leave=False, disable=not progress
@@ -150,14 +182,14 @@ def _train_cycle(model, pool: LabelPool, config: SimulationConfig, cycle: int, p
         bar.update(0)
 
     try:
-        return train(model, samples, train_config, report)
+        return train(model, samples, train_config, report, memory_bank=memory_bank)
     finally:
         bar.close()
 
 
 @contextlib.contextmanager
 def _torch_threads_kept():
-    """Keep torch's CPU thread count across numba code (the BalEnt kernel).
+    """Keep torch's CPU thread count across numba code (the BalEnt kernel, UMAP).
 
     numba's OpenMP threading layer sets the process-wide OpenMP thread count to numba's own
     (every core) when it launches a parallel loop, and torch reads that same count. Without
@@ -173,10 +205,61 @@ def _torch_threads_kept():
         torch.set_num_threads(threads)
 
 
-def _query(model, pool: LabelPool, config: SimulationConfig, cycle: int, progress: bool) -> None:
-    """Reveal the acquisition's queries, made by this cycle's model, for cycle + 1."""
+def _query(
+    model, pool: LabelPool, config: SimulationConfig, cycle: int, progress: bool, projector: RegionProjector | None
+) -> None:
+    """Reveal the acquisition's queries, made by this cycle's model, for cycle + 1.
+
+    With a `projector` (umap-kmeans), by paper 004's clustering; without, by rank.
+    """
     with _torch_threads_kept():
-        _query_all(model, pool, config, cycle, progress)
+        if projector is not None:
+            _query_clustered(model, pool, config, cycle, progress, projector)
+        else:
+            _query_all(model, pool, config, cycle, progress)
+
+
+def _fit_projector(memory_bank: MemoryBank | None, config: SimulationConfig, cycle: int) -> RegionProjector | None:
+    """UMAP on the memory bank (Algorithm 1, step 15); None when the bank is too small to fit.
+
+    The bank fills with correctly classified labeled pixels during training; a very short
+    training on a few labels can leave fewer than ``MIN_FIT_VECTORS``, and then this cycle's
+    queries fall back to the rank selection (the row's ``projector_vectors`` says 0).
+    """
+    if memory_bank is None or len(memory_bank) < MIN_FIT_VECTORS:
+        return None
+    vectors, _ = memory_bank.vectors()  # [N, P]
+    with _torch_threads_kept():  # UMAP runs numba code
+        # numpy's RandomState (UMAP, KMeans) takes seeds below 2**32
+        return RegionProjector.fit(vectors.cpu().numpy(), seed=derive_seed(config.seed, cycle, PROJECTOR) % 2**32)
+
+
+def _query_clustered(
+    model, pool: LabelPool, config: SimulationConfig, cycle: int, progress: bool, projector: RegionProjector
+) -> None:
+    """Paper 004, Algorithm 1 steps 2-6: per pool image, R regions by UMAP + KMeans + max score."""
+    device = next(model.parameters()).device
+    mc_generator = torch.Generator().manual_seed(derive_seed(config.seed, cycle, MC))
+    query_generator = torch.Generator().manual_seed(derive_seed(config.seed, cycle, QUERY))
+    desc = f"query ({config.acquisition}, umap-kmeans)"
+    for index in tqdm(range(len(pool)), desc=desc, leave=False, disable=not progress):
+        image = pool.images[index]  # [3, H, W]
+        moments, embeddings = mc_moments_and_embeddings(
+            model, image.to(device), config.mc_samples, generator=mc_generator
+        )  # [C, H, W], [P, h, w]
+        regions = query_clustered_regions(
+            config.acquisition,
+            moments,
+            embeddings,
+            model.padded_size(tuple(image.shape[-2:])),
+            projector,
+            config.regions,
+            pool.segments[index],
+            pool.region_candidates(index),
+            query_generator,
+            seed=int(torch.randint(0, 2**31 - 1, (1,), generator=query_generator)),
+        )
+        pool.reveal_regions(index, regions, cycle + 1)
 
 
 def _query_all(model, pool: LabelPool, config: SimulationConfig, cycle: int, progress: bool) -> None:
@@ -202,7 +285,9 @@ def _query_all(model, pool: LabelPool, config: SimulationConfig, cycle: int, pro
                 pool.reveal_regions(index, regions, cycle + 1)
 
 
-def _row(cycle: int, pool: LabelPool, config: SimulationConfig, confusion, timings: dict, losses) -> dict:
+def _row(
+    cycle: int, pool: LabelPool, config: SimulationConfig, confusion, timings: dict, losses, projector_vectors: int
+) -> dict:
     labeled = (
         pool.labeled_count(cycle) if not config.supervised else sum(int((t != IGNORE_INDEX).sum()) for t in pool.truth)
     )
@@ -222,6 +307,8 @@ def _row(cycle: int, pool: LabelPool, config: SimulationConfig, confusion, timin
         "pair_distance": pair_distance / config.scale,
         "unique_labels": unique,
         "train_loss": float(np.mean(tail)) if tail else float("nan"),
+        # memory-bank vectors the UMAP of this cycle's queries was fitted on; 0: none fitted (rank)
+        "projector_vectors": projector_vectors if not config.supervised else float("nan"),
         **timings,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -274,35 +361,54 @@ def run_simulation(config: SimulationConfig, out: str | Path, *, progress: bool 
 
     device = resolve_device(config.device)
     model = None
+    memory_bank = None  # umap-kmeans with warm_start: the bank the next cycle continues
     bar = tqdm(total=total, initial=completed, desc=config.run_name, disable=not progress)
     with contextlib.closing(bar):
         for cycle in range(completed + 1, total + 1):
             started = time.perf_counter()
             if config.warm_start and model is None and cycle > 1:
-                model = _resume_model(folder, cycle - 1, device)
+                # after a resume the saved bank continues, as it would have without the interruption
+                model, memory_bank = _resume_model(folder, cycle - 1, device)
             if model is None or not config.warm_start:
-                model = _fresh_model(config, device)
-            trained = _train_cycle(model, pool, config, cycle, progress)
+                model, memory_bank = _fresh_model(config, device), None  # None: train starts an empty bank
+            trained = _train_cycle(model, pool, config, cycle, progress, memory_bank)
+            # umap-kmeans: the EMA teacher is evaluated, queries and is saved (Algorithm 1, step 2)
+            served = trained.teacher if trained.teacher is not None else model
             train_seconds = time.perf_counter() - started
-            confusion = evaluate(model, eval_images, eval_truth, config.eval_batch_size, progress)
+            confusion = evaluate(served, eval_images, eval_truth, config.eval_batch_size, progress)
             eval_seconds = time.perf_counter() - started - train_seconds
+            projector = _fit_projector(trained.memory_bank, config, cycle) if config.clustered else None
+            projector_seconds = time.perf_counter() - started - train_seconds - eval_seconds
+            if config.clustered and projector is None:
+                log(
+                    f"{config.run_name} cycle {cycle}: the memory bank holds {len(trained.memory_bank)} "
+                    f"vectors, fewer than the {MIN_FIT_VECTORS} UMAP needs; this cycle's regions are ranked "
+                    "by summed score instead (train longer or on more labels to avoid it)."
+                )
             if not config.supervised:
-                _query(model, pool, config, cycle, progress)
-            acquire_seconds = time.perf_counter() - started - train_seconds - eval_seconds
+                _query(served, pool, config, cycle, progress, projector)
+            acquire_seconds = time.perf_counter() - started - train_seconds - eval_seconds - projector_seconds
             timings = {
                 "train_seconds": train_seconds,
                 "eval_seconds": eval_seconds,
+                "projector_seconds": projector_seconds,
                 "acquire_seconds": acquire_seconds,
                 "wall_seconds": time.perf_counter() - started,
             }
-            rows.append(_row(cycle, pool, config, confusion, timings, trained.losses))
+            projector_vectors = projector.num_vectors if projector is not None else 0
+            rows.append(_row(cycle, pool, config, confusion, timings, trained.losses, projector_vectors))
             save_checkpoint(
                 folder / "model.pt",
-                model,
+                served,
                 class_names=class_names(config.num_classes),
                 version=cycle,
                 extra={"run": config.run_name, "cycle": cycle},
+                memory_bank=trained.memory_bank,
             )
+            if config.warm_start:
+                # the next cycle trains on from the weights that were evaluated and saved (umap-kmeans:
+                # the teacher's, made trainable again; a resume loads the same weights and bank)
+                model, memory_bank = served.requires_grad_(True), trained.memory_bank
             save_state(folder, RunState(config.to_dict(), cycle, rows, names, pool.revealed_at, segments))
             write_metrics(folder, config, rows, class_names(config.num_classes), info)
             result.computed.append(cycle)
@@ -315,8 +421,9 @@ def run_simulation(config: SimulationConfig, out: str | Path, *, progress: bool 
     return result
 
 
-def _resume_model(folder: Path, cycle: int, device: torch.device) -> BayesianSegmenter:
-    """Warm start after a resume: the saved model must be the one of the last finished cycle."""
+def _resume_model(folder: Path, cycle: int, device: torch.device) -> tuple[BayesianSegmenter, MemoryBank | None]:
+    """Warm start after a resume: the saved model (and its memory bank, umap-kmeans) must be
+    the ones of the last finished cycle."""
     model, meta = load_checkpoint(folder / "model.pt", map_location=device)
     saved = meta.get("extra", {}).get("cycle") if isinstance(meta, dict) else None
     if saved != cycle:
@@ -324,4 +431,4 @@ def _resume_model(folder: Path, cycle: int, device: torch.device) -> BayesianSeg
             f"{folder / 'model.pt'} is from cycle {saved}, not {cycle}: a warm-started run cannot resume "
             "from it. Delete the run folder to start over."
         )
-    return model.to(device)
+    return model.to(device), meta["memory_bank"]

@@ -1,7 +1,9 @@
 """Figures and the summary table comparing every run found in an output directory.
 
-Runs are grouped by (mode, acquisition); the seeds of a group are averaged cycle by cycle
-(the band spans the lowest and highest seed). Written to ``<out>/``:
+Runs are grouped by (mode, acquisition, selection), labeled e.g. ``pixel balent``,
+``region entropy`` (rank) and ``region entropy umap-kmeans`` (paper 004's clustering, a
+different training too, so never merged with rank runs); the seeds of a group are averaged
+cycle by cycle (the band spans the lowest and highest seed). Written to ``<out>/``:
 
 - ``miou_vs_labeled.png``: mIoU against % labeled pixels, one curve per group, the supervised
   reference as a dashed line (paper 000, Fig. 3);
@@ -32,7 +34,7 @@ from ..acquisition import score_moments
 from ..checkpoint import load_checkpoint
 from ..data import IGNORE_INDEX
 from ..mc_dropout import mc_moments, predict_probabilities
-from .config import SUPERVISED, SimulationConfig
+from .config import LEGACY_DEFAULTS, SUPERVISED, SimulationConfig
 from .report import read_metrics
 from .splits import load_split
 
@@ -46,10 +48,18 @@ def collect_runs(out: Path) -> dict[str, list[dict]]:
         document = read_metrics(path.parent)
         if not document["cycles"]:
             continue
-        config = document["config"]
-        label = SUPERVISED if config["acquisition"] == SUPERVISED else f"{config['mode']} {config['acquisition']}"
-        groups.setdefault(label, []).append(document)
+        groups.setdefault(run_label(document["config"]), []).append(document)
     return groups
+
+
+def run_label(config: dict) -> str:
+    """The group of a saved run config: ``supervised``, ``<mode> <acquisition>`` (rank) or
+    ``<mode> <acquisition> <selection>``."""
+    config = {**LEGACY_DEFAULTS, **config}  # runs saved before the selection existed were rank
+    if config["acquisition"] == SUPERVISED:
+        return SUPERVISED
+    label = f"{config['mode']} {config['acquisition']}"
+    return label if config["selection"] == "rank" else f"{label} {config['selection']}"
 
 
 def _curve(documents: list[dict], key: str) -> np.ndarray:

@@ -4,11 +4,20 @@ Pixel mode (paper 000, Algorithm 1): the cold start is n uniformly random non-vo
 image (step 3); after each training, the acquisition's top n pixels per image among those
 neither labeled nor void (steps 7-9, ``model.acquisition.acquire_pixels``).
 
-Region mode (paper 004, Algorithm 1, with its eq. 6 ranking and without its contrastive
-clustering): the cold start is R random superpixels per image; afterwards each superpixel
-scores the sum of the acquisition's pixel score over its pixels (entropy in paper 004) and
-the top R not yet revealed are asked for. ``random`` picks regions uniformly instead: a sum
-of uniform pixel scores would favour large superpixels, which is not what random means.
+Region mode (paper 004): the cold start is R random superpixels per image; afterwards each
+superpixel scores the sum of the acquisition's pixel score over its pixels (eq. 6; entropy in
+paper 004). Two selections (``SimulationConfig.selection``):
+
+- ``rank`` (``query_regions``): the top R not yet revealed. ``random`` picks regions
+  uniformly instead: a sum of uniform pixel scores would favour large superpixels, which is
+  not what random means.
+- ``umap-kmeans`` (``query_clustered_regions``, Algorithm 1 steps 2-5): the teacher's mean
+  embedding per superpixel, mapped by the UMAP fitted on the memory bank, clustered by
+  KMeans into R clusters; from each, the candidate with the largest sum
+  (``model.regions.acquire_regions``).
+
+Both only ever choose the pool's candidates (``LabelPool.region_candidates``: not revealed
+yet, not all void), so a region is never asked for twice.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import torch
 
 from ..acquisition import acquire_pixels, score_moments
 from ..moments import MCMoments
+from ..regions import RegionProjector, acquire_regions
 from ..superpixels import region_sums, top_regions
 from .pool import LabelPool, random_choice
 
@@ -54,3 +64,38 @@ def query_regions(
     scores = score_moments(name, moments, budget=k, generator=generator)  # [H, W] float64
     sums = np.where(candidates, region_sums(scores, segments), -np.inf)  # [K]
     return [region for region in top_regions(sums, k, segments) if candidates[region]]
+
+
+def query_clustered_regions(
+    name: str,
+    moments: MCMoments,
+    embeddings: torch.Tensor,
+    grid_size: tuple[int, int],
+    projector: RegionProjector,
+    k: int,
+    segments: np.ndarray,
+    candidates: np.ndarray,
+    generator: torch.Generator,
+    seed: int,
+) -> list[int]:
+    """Paper 004's choice: one candidate superpixel per KMeans cluster of the projected region
+    features, the one with the largest summed pixel score; best first.
+
+    `embeddings` ``[P, h, w]`` are the teacher's (``mc_moments_and_embeddings``), covering the
+    padded image grid `grid_size` (``model.padded_size``); `segments` ``[H, W]``; `candidates`
+    ``[K]`` bool from ``LabelPool.region_candidates``. `seed` seeds KMeans (< 2**32).
+
+    ``acquire_regions`` decides candidates from a labeled mask (a region more than half
+    labeled is out). The mask given to it is therefore "every pixel of a non-candidate region"
+    rather than the labeled pixels: a revealed region that is mostly void would otherwise look
+    unlabeled and be offered again, and an all-void region would be offered at all. A region
+    is then out exactly when it is not a pool candidate.
+    """
+    if name == "random":
+        raise ValueError("The clustered selection needs a pixel score; 'random' has none (use selection 'rank').")
+    scores = score_moments(name, moments, budget=k, generator=generator)  # [H, W] float64
+    excluded = ~candidates[segments]  # [H, W]: labeled fraction 1 outside the candidates, 0 inside
+    chosen, _ = acquire_regions(
+        projector, embeddings, scores, segments, k, labeled=excluded, seed=seed, grid_size=grid_size
+    )
+    return [region for region in chosen if candidates[region]]  # all of them; kept as a guard

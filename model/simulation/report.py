@@ -11,8 +11,12 @@ Columns, in order (``METRIC_COLUMNS``, then ``iou_<class>`` per class):
 - ``pair_distance``: mean pairwise distance of the cycle's queries within an image, in pixels
   of the unscaled image (region mode: between region centroids); ``unique_labels``: mean
   number of distinct true labels among them (paper 000, Fig. 6)
-- ``train_loss``: mean loss of the last tenth of the training steps
-- ``train_seconds``, ``eval_seconds``, ``acquire_seconds``, ``wall_seconds``, ``finished_at``
+- ``train_loss``: mean loss of the last tenth of the training steps (umap-kmeans: CE + 0.1 InfoNCE)
+- ``projector_vectors``: memory-bank vectors the cycle's UMAP was fitted on (umap-kmeans); 0
+  when no projector was fitted: a rank run, or a umap-kmeans cycle whose bank was too small,
+  whose queries were then ranked by summed score
+- ``train_seconds``, ``eval_seconds``, ``projector_seconds`` (the UMAP fit), ``acquire_seconds``
+  (MC dropout and the choice), ``wall_seconds`` (their sum, and the saving), ``finished_at``
 
 Both files are derived from ``state.npz`` and rewritten whole after every cycle (atomically);
 empty CSV cells and JSON nulls are undefined values (NaN): e.g. the supervised reference has
@@ -41,8 +45,10 @@ METRIC_COLUMNS = (
     "pair_distance",
     "unique_labels",
     "train_loss",
+    "projector_vectors",
     "train_seconds",
     "eval_seconds",
+    "projector_seconds",
     "acquire_seconds",
     "wall_seconds",
     "finished_at",
