@@ -79,9 +79,7 @@ class ActiveLearningBackend:
     def _preload(self) -> None:
         for project in self.store.stored_projects():
             try:
-                served = self.store.current(project)
-                if served.projector is not None:
-                    served.projector.warm_up()  # UMAP's numba code compiles now, not in a request
+                self.store.current(project)  # loads and warms up the region projector too
             except Exception:  # noqa: BLE001 - a bad project dir must not stop the others
                 log.exception("project %s: could not load its models", project)
 

@@ -49,7 +49,8 @@ class ModelStore:
         self.model_dir = Path(model_dir)
         self.device = device
         self._served: dict[str, ServedModel] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _served and _loading; never held while loading
+        self._loading: dict[str, threading.Lock] = {}  # per project: one load or publish at a time
 
     def project_dir(self, project: str) -> Path:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", project) or project.startswith("."):
@@ -64,12 +65,22 @@ class ModelStore:
         return sorted(int(match.group(1)) for match in found if match)
 
     def current(self, project: str) -> ServedModel:
-        """The served model of a project, loading the newest good checkpoint on first use."""
+        """The served model of a project, loading the newest good checkpoint on first use.
+
+        Loading (a checkpoint, ``import umap`` and the projector's warm-up: seconds) holds
+        only that project's lock, so requests for other projects are not held up.
+        """
         with self._lock:
             served = self._served.get(project)
+        if served is not None:
+            return served
+        with self._project_lock(project):
+            with self._lock:
+                served = self._served.get(project)  # loaded by the thread we waited for
             if served is None:
                 served = self._load_latest(project)
-                self._served[project] = served
+                with self._lock:
+                    self._served[project] = served
             return served
 
     def current_name(self, project: str) -> str:
@@ -107,10 +118,12 @@ class ModelStore:
         if memory_bank is None or not path.exists():
             return None
         try:
-            return RegionProjector.load(path)
+            projector = RegionProjector.load(path)
         except (ValueError, OSError) as error:
             log.error("project %s: unreadable region projector %s (%s); regions ranked by entropy", project, path, error)
             return None
+        projector.warm_up()  # UMAP's search compiles here (seconds), not in the first request's transform
+        return projector
 
     def publish(
         self,
@@ -122,7 +135,7 @@ class ModelStore:
         projector: RegionProjector | None = None,
     ) -> ServedModel:
         """Save `model` (with its bank and projector) as the next version and serve it from now on."""
-        with self._lock:
+        with self._project_lock(project):  # numbering and saving, without holding up other projects
             existing = self.versions(project)
             version = (existing[-1] if existing else 0) + 1
             path = self.project_dir(project) / f"model-v{version}.pt"
@@ -132,8 +145,13 @@ class ModelStore:
                 path, model, class_names=list(classes), version=version, extra=extra, memory_bank=memory_bank
             )
             served = ServedModel(model.eval(), version, tuple(classes), extra, memory_bank, projector)
-            self._served[project] = served
+            with self._lock:
+                self._served[project] = served
             return served
+
+    def _project_lock(self, project: str) -> threading.Lock:
+        with self._lock:
+            return self._loading.setdefault(project, threading.Lock())
 
     def projects(self) -> dict[str, ServedModel]:
         with self._lock:
