@@ -21,21 +21,12 @@ import torch
 
 from . import acquisition
 from .acquisition import acquire_pixels
-from .data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
+from .data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder, random_sparse_labels
 from .mc_dropout import mc_moments
 from .network import ModelConfig, build_model
 from .training import TrainConfig, train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "camvid"
-
-
-def random_labeled_pixels(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Sparse labels ``[H, W]``: n random non-void pixels of the dense `labels` kept, the rest ignored."""
-    valid = torch.nonzero((labels != IGNORE_INDEX).reshape(-1), as_tuple=True)[0]
-    chosen = valid[torch.randperm(valid.numel(), generator=generator)[:n]]
-    sparse = torch.full_like(labels, IGNORE_INDEX).reshape(-1)
-    sparse[chosen] = labels.reshape(-1)[chosen]
-    return sparse.reshape(labels.shape)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         image, labels = dataset[index]
         images.append(image)
         dense.append(labels)
-        sparse.append(random_labeled_pixels(labels, args.pixels, generator))
+        sparse.append(random_sparse_labels(labels, args.pixels, generator))
     print(f"{len(images)} CamVid images at {tuple(images[0].shape[-2:])}, {args.pixels} random labeled pixels each")
 
     model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES)))
@@ -72,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  train step {step}/{total}  loss {loss:.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
 
     crop = tuple(images[0].shape[-2:])
-    train(model, list(zip(images, sparse)), TrainConfig(steps=args.steps, crop_size=crop, seed=args.seed), progress)
+    result = train(model, list(zip(images, sparse)), TrainConfig(steps=args.steps, crop_size=crop, seed=args.seed), progress)
+    model = result.teacher if result.teacher is not None else model  # the EMA teacher, as the backend serves
 
     proposed_wrong = random_wrong = proposed_total = random_total = 0
     for number, (image, labels, known) in enumerate(zip(images, dense, sparse)):
@@ -88,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             if truth != IGNORE_INDEX:
                 proposed_total += 1
                 proposed_wrong += int(prediction[row, col]) != truth
-        control = random_labeled_pixels(labels, 200, generator) != IGNORE_INDEX
+        control = random_sparse_labels(labels, 200, generator) != IGNORE_INDEX
         random_total += int(control.sum())
         random_wrong += int((prediction[control] != labels[control]).sum())
     print(
