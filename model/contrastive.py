@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
-from .network import BayesianSegmenter
+from .network import BayesianSegmenter, grid_sample_coordinates
 
 DEFAULT_BANK_CAPACITY = 1000  # P_t = 100 * P_i
 DEFAULT_BANK_PER_IMAGE = 10  # P_i
@@ -175,9 +175,8 @@ def sample_embeddings(
     out = embeddings.new_empty(positions.shape[0], embeddings.shape[1])
     for index in positions[:, 0].unique().tolist():
         rows = (positions[:, 0] == index).nonzero().squeeze(1)
-        # grid_sample with align_corners=False: -1 and 1 are the outer edges of the padded grid
-        y = (positions[rows, 1].to(embeddings.dtype) + 0.5) * 2.0 / padded_h - 1.0
-        x = (positions[rows, 2].to(embeddings.dtype) + 0.5) * 2.0 / padded_w - 1.0
+        y = grid_sample_coordinates(positions[rows, 1].to(embeddings.dtype), padded_h)
+        x = grid_sample_coordinates(positions[rows, 2].to(embeddings.dtype), padded_w)
         grid = torch.stack([x, y], dim=-1).view(1, 1, -1, 2)  # [1, 1, n_i, 2]
         sampled = F.grid_sample(
             embeddings[index : index + 1], grid, mode="bilinear", padding_mode="border", align_corners=False

@@ -69,9 +69,11 @@ def _eval_mode(model: BayesianSegmenter) -> Iterator[None]:
         model.train(was_training)
 
 
-def _check(images: torch.Tensor, num_samples: int) -> torch.Tensor:
+def _check(images: torch.Tensor, num_samples: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if images.ndim != 4 or images.shape[1] != 3:
@@ -94,16 +96,18 @@ def mc_moments(
     decoder's resolution (padded grid) with ``image_resolution=False``. `generator` is a CPU
     generator (the dropout masks are drawn on the CPU, then moved to the model's device).
     """
-    images = _check(images, num_samples)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    images = _check(images, num_samples, chunk_size)
     with _eval_mode(model):
         features = model.features(images)  # [B, D, h, w]
         moments = _moments_from_features(model, features, num_samples, generator, chunk_size)
     if not image_resolution:
         return moments
-    size = tuple(images.shape[-2:])
-    return [m.map_spatial(lambda maps: model.upsample(maps.unsqueeze(0), size).squeeze(0)) for m in moments]
+    return [_to_image_resolution(model, m, tuple(images.shape[-2:])) for m in moments]
+
+
+def _to_image_resolution(model: BayesianSegmenter, moments: MCMoments, size: tuple[int, int]) -> MCMoments:
+    """Decoder-resolution moments ``[C, h, w]`` -> ``[C, H, W]``, bilinear (``model.upsample``)."""
+    return moments.map_spatial(lambda maps: model.upsample(maps.unsqueeze(0), size).squeeze(0))
 
 
 def _moments_from_features(
@@ -138,14 +142,12 @@ def mc_moments_and_embeddings(
     ``model.regions.region_embeddings`` / ``acquire_regions``. They are not upsampled here:
     128 channels at image resolution would be 400 MB for a 1024x768 image.
     """
-    images = _check(image, num_samples)[:1]
+    images = _check(image, num_samples, chunk_size)[:1]
     with _eval_mode(model):
         features = model.features(images)  # [1, D, h, w]
         embeddings = model.embed(features)  # [1, P, h, w]
         moments = _moments_from_features(model, features, num_samples, generator, chunk_size)[0]
-    size = tuple(images.shape[-2:])
-    moments = moments.map_spatial(lambda maps: model.upsample(maps.unsqueeze(0), size).squeeze(0))
-    return moments, embeddings[0]
+    return _to_image_resolution(model, moments, tuple(images.shape[-2:])), embeddings[0]
 
 
 @torch.no_grad()

@@ -109,6 +109,17 @@ def _build_smp(config: ModelConfig) -> nn.Module:
     return net
 
 
+def grid_sample_coordinates(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixel indices along one axis of an image grid `size` pixels long -> ``F.grid_sample``
+    coordinates (``align_corners=False``: -1 and 1 are the grid's outer edges).
+
+    Bilinear ``grid_sample`` of a map covering that grid (``border`` padding) at these
+    coordinates gives what ``BayesianSegmenter.upsample`` gives at those pixels, without
+    upsampling the whole map.
+    """
+    return (pixels + 0.5) * 2.0 / size - 1.0
+
+
 class ProjectionHead(nn.Module):
     """``3x3 conv -> BatchNorm -> ReLU -> Dropout(0.1) -> 1x1 conv``, then L2 norm per pixel.
 

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_write
+from .network import grid_sample_coordinates
 from .superpixels import labeled_fraction, region_sums
 
 PROJECTOR_FORMAT = "segal-region-projector"
@@ -119,11 +120,10 @@ def region_embeddings(
         sums.index_add_(1, index.reshape(-1), maps.reshape(dim, -1))
     else:
         grid_h, grid_w = grid_size
-        # grid_sample, align_corners=False: -1 and 1 are the outer edges of the grid_size image
-        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * 2.0 / grid_w - 1.0  # [W]
+        xs = grid_sample_coordinates(torch.arange(width, device=device, dtype=torch.float32), grid_w)  # [W]
         for top in range(0, height, ROWS_PER_CHUNK):
             rows = torch.arange(top, min(top + ROWS_PER_CHUNK, height), device=device, dtype=torch.float32)
-            ys = (rows + 0.5) * 2.0 / grid_h - 1.0  # [r]
+            ys = grid_sample_coordinates(rows, grid_h)  # [r]
             grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)  # [r, W, 2] (x, y)
             block = F.grid_sample(
                 maps[None], grid[None], mode="bilinear", padding_mode="border", align_corners=False
