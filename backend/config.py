@@ -42,6 +42,7 @@ class Settings:
     region_score: str = "entropy"  # SEGAL_REGION_SCORE: entropy (paper 004, eq. 6) | balent, summed per region
     max_side: int = 1024  # SEGAL_MAX_SIDE: images are downscaled to this longest side for the model
     train_every: int = 0  # SEGAL_TRAIN_EVERY: retrain every N new annotations (0: only on "Start training")
+    score_pool: int | None = None  # SEGAL_SCORE_POOL: on (None: every task) | off (0) | N tasks per job
     train_steps: int = 300  # SEGAL_TRAIN_STEPS
     train_batch_size: int = 4  # SEGAL_TRAIN_BATCH_SIZE
     train_crop: int = 512  # SEGAL_TRAIN_CROP: square training crop side (smaller images are padded)
@@ -87,6 +88,7 @@ class Settings:
             region_score=reader.choice("SEGAL_REGION_SCORE", "entropy", ("entropy", "balent")),
             max_side=reader.integer("SEGAL_MAX_SIDE", 1024, 32, 16_384),
             train_every=reader.integer("SEGAL_TRAIN_EVERY", 0, 0, 1_000_000),
+            score_pool=reader.switch_or_count("SEGAL_SCORE_POOL"),
             train_steps=reader.integer("SEGAL_TRAIN_STEPS", 300, 1, 1_000_000),
             train_batch_size=reader.integer("SEGAL_TRAIN_BATCH_SIZE", 4, 2, 1_024),
             train_crop=reader.integer("SEGAL_TRAIN_CROP", 512, 32, 8_192),
@@ -129,6 +131,17 @@ class _Reader:
         if not low <= value <= high:
             raise ConfigError(f"{name}={value} is outside {low}..{high}.")
         return value
+
+    def switch_or_count(self, name: str) -> int | None:
+        """on (the default): None, no cap; off: 0; a positive integer: that cap."""
+        raw = self.env.get(name, "").strip().lower()
+        if raw in ("", "on", "true", "yes", "all"):
+            return None
+        if raw in ("off", "false", "no", "0"):
+            return 0
+        if raw.isascii() and raw.isdigit() and len(raw) <= 9:
+            return int(raw)
+        raise ConfigError(f"{name}={raw!r} is not on, off or a number of tasks.")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...], prefix_ok: tuple[str, ...] = ()) -> str:
         raw = self.env.get(name, "").strip().lower()

@@ -3,7 +3,7 @@
 For each task: MC-dropout moments of the served model at a working resolution (longest
 side <= SEGAL_MAX_SIDE), then
 - the n most informative pixels by the configured acquisition, as KeyPointLabels results
-  (label = predicted class, ``score`` = acquisition value);
+  labeled with the predicted class;
 - SEEDS superpixels by paper 004's method once a trained model has a region projector:
   region features are the teacher's mean pixel embedding, mapped by the UMAP fitted on
   the memory bank, clustered by KMeans with k = SEGAL_REGIONS_PER_TASK, and the most
@@ -17,8 +17,18 @@ Pixels and regions that the task's annotations already label are never proposed.
 Before the first training run (cold start, paper 000 Algorithm 1 step 3) the pixels and
 regions are random and carry the control's first label: there is no prediction to show.
 
-The task-level ``score`` is the mean score of what is proposed, so sorting the Data
-Manager by prediction score, descending, puts the most informative tasks first.
+Scores follow Label Studio's active-learning convention: the **lowest** task score is the
+task to label first (uncertainty sampling, "Order by: Prediction score" ascending).
+- A task's raw value is the median acquisition value of its 5 best unlabeled pixels
+  (``model.calibration.image_value``); its ``score`` is 1 - G(value), G the version's
+  ``ScoreScale`` (the CDF of that value over a sample of the project's pool, fitted after
+  training), so scores lie in (0, 1), are comparable across the version's tasks, and one
+  extreme pixel cannot decide a rank. Before the first training the value is a random draw.
+- A point's or region's ``score`` is the model's confidence in the label it proposes (MC
+  mean probability; for a region its mean over the region's pixels), 1 / labels before
+  training: what a person reads as "the model is 43% sure this is Road".
+- Raw acquisition values stay in every result's ``acquisition`` field (function, the
+  point's or region's value, the task's value) for analysis.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from model.acquisition import score_moments, select_pixels
+from model.calibration import image_value, squash
 from model.data import IGNORE_INDEX
 from model.mc_dropout import mc_moments, mc_moments_and_embeddings
 from model.moments import entropy
@@ -127,7 +138,8 @@ class Predictor:
             except (TaskError, ImageFetchError, ValueError) as error:
                 log.warning("task %s: no prediction: %s", task.get("id"), error)
                 errors.append(f"task {task.get('id')}: {error}")
-                results.append({"result": [], "score": 0.0, "model_version": served.name})
+                # no score: Label Studio sorts tasks without one last, whatever the direction
+                results.append({"result": [], "score": None, "model_version": served.name})
         return results, errors
 
     def load(self, schema: LabelSchema, task: dict) -> WorkingImage:
@@ -137,9 +149,18 @@ class Predictor:
         image = self.fetcher.fetch(data[schema.image_key])
         return WorkingImage(working_resolution(image, self.settings.max_side), tuple(image.shape[-2:]))
 
-    def predict_task(self, served: ServedModel, schema: LabelSchema, task: dict, context: dict | None = None) -> dict:
+    def predict_task(
+        self,
+        served: ServedModel,
+        schema: LabelSchema,
+        task: dict,
+        context: dict | None = None,
+        work: WorkingImage | None = None,
+    ) -> dict:
+        """The Label Studio prediction of one task; `work` is its image when already loaded
+        (the pool job prefetches images), else it is fetched here."""
         settings = self.settings
-        work = self.load(schema, task)
+        work = work if work is not None else self.load(schema, task)
         height, width = work.image.shape[-2:]
         labels, skipped = annotation_to_labels(
             existing_results(task, context), schema.class_index, width, height, controls=schema.result_types
@@ -153,6 +174,7 @@ class Predictor:
         if served.model is None:  # cold start: random pixels and regions, no prediction
             probs = None
             pixel_scores = torch.rand(height, width, generator=generator, dtype=torch.float64)
+            function = "random (cold start)"
         else:
             device = next(served.model.parameters()).device
             image = work.image.to(device)
@@ -168,33 +190,77 @@ class Predictor:
             pixel_scores = score_moments(
                 settings.acquisition, moments, budget=settings.points_per_task, candidates=~labeled, generator=generator
             )
+            function = settings.acquisition
             evidence.probs = probs
             if settings.region_score == "balent":
                 evidence.pixel_scores = score_moments("balent", moments, generator=generator)
             else:
                 evidence.pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
 
+        if served.model is None:  # cold start: the task's rank is a uniform draw too
+            task_value = float(torch.rand((), generator=generator, dtype=torch.float64))
+        else:
+            task_value = image_value(pixel_scores, labeled)
+        informativeness = self.informativeness(served, task_value)
+        acquisition = {"function": function, "task_value": task_value}
+
         results: list[dict] = []
-        point_scores: list[float] = []
         keypoints = schema.control("keypoint")
         if keypoints is not None and settings.points_per_task > 0:
             coords = select_pixels(pixel_scores, settings.points_per_task, labeled)
             for row, col in coords.tolist():
-                label = self._label_at(schema, keypoints.labels, probs, row, col)
-                value = float(pixel_scores[row, col])
-                point_scores.append(value)
+                label, confidence = self._label_at(schema, keypoints.labels, probs, row, col)
                 region = keypoint_region(
-                    row, col, label=label, score=value, from_name=keypoints.name, to_name=schema.image_name,
+                    row, col, label=label, score=confidence, from_name=keypoints.name, to_name=schema.image_name,
                     width=width, height=height,
                 )
                 # percent coordinates are the same at any resolution; Label Studio wants the shown size
                 region["original_height"], region["original_width"] = work.original_size
+                region["acquisition"] = {**acquisition, "value": float(pixel_scores[row, col])}
                 results.append(region)
-        regions = self._regions(schema, task, work, labeled, evidence, generator)
-        results.extend(region for region, _ in regions)
-        proposed = point_scores or [score for _, score in regions]
-        task_score = float(np.mean(proposed)) if proposed else 0.0
-        return {"result": results, "score": task_score, "model_version": served.name}
+        region_function = function if probs is None else f"summed {settings.region_score}"
+        for region, value in self._regions(schema, task, work, labeled, evidence, generator):
+            region["acquisition"] = {**acquisition, "function": region_function, "value": value}
+            results.append(region)
+        # Label Studio's convention: the lowest score is the task to label first
+        return {"result": results, "score": 1.0 - informativeness, "model_version": served.name}
+
+    @staticmethod
+    def informativeness(served: ServedModel, task_value: float) -> float:
+        """A task's raw value on the version's scale, in [0, 1]: 1 = label this task first."""
+        if served.model is None:  # cold start: the value is a uniform draw already
+            return float(np.clip(task_value, 0.0, 1.0)) if np.isfinite(task_value) else 0.0
+        if served.score_scale is not None:
+            return float(served.score_scale(task_value))
+        return squash(task_value)  # a model saved before score scales existed
+
+    def task_value(self, served: ServedModel, schema: LabelSchema, work: WorkingImage, task: dict) -> float:
+        """Only the task's raw value (no proposals), as ``predict_task`` computes it: what a
+        version's score scale is fitted on."""
+        height, width = work.image.shape[-2:]
+        labels, _ = annotation_to_labels(
+            existing_results(task, None), schema.class_index, width, height, controls=schema.result_types
+        )
+        return self.image_value(served.model, work.image, torch.from_numpy(labels != IGNORE_INDEX), _task_seed(self.settings.seed, task))
+
+    def image_value(self, model, image: torch.Tensor, labeled: torch.Tensor, seed: int) -> float:
+        """``image_value`` of an image ``[3, h, w]`` under `model`, `labeled` ``[h, w]`` excluded."""
+        settings = self.settings
+        generator = torch.Generator().manual_seed(seed)
+        moments = mc_moments(model, image.to(next(model.parameters()).device), settings.mc_samples, generator=generator)
+        moments = moments[0].map_spatial(lambda t: t.cpu())
+        pixel_scores = score_moments(
+            settings.acquisition, moments, budget=settings.points_per_task, candidates=~labeled, generator=generator
+        )
+        return image_value(pixel_scores, labeled)
+
+    def superpixels_for(self, schema: LabelSchema, task: dict, work: WorkingImage) -> np.ndarray | None:
+        """The image's SEEDS superpixels ``[h, w]`` (cached by URL and size), None without a region control."""
+        if (schema.control("brush") or schema.control("polygon")) is None or self.settings.regions_per_task == 0:
+            return None
+        height, width = work.image.shape[-2:]
+        key = f"{task.get('data', {}).get(schema.image_key)}|{height}x{width}|{self.settings.superpixels}"
+        return self.superpixels.get(key, lambda: seeds_superpixels(to_uint8_rgb(work.image), self.settings.superpixels))
 
     def _clusters_regions(self, served: ServedModel, schema: LabelSchema) -> bool:
         """Whether regions come from UMAP + KMeans (paper 004) rather than the plain ranking."""
@@ -207,12 +273,14 @@ class Predictor:
             and served.model.projection is not None
         )
 
-    def _label_at(self, schema: LabelSchema, allowed: tuple[str, ...], probs, row: int, col: int) -> str:
+    def _label_at(self, schema: LabelSchema, allowed: tuple[str, ...], probs, row: int, col: int) -> tuple[str, float]:
+        """The most probable allowed label at a pixel and its probability (1 / labels before training)."""
         if probs is None:
-            return allowed[0]
+            return allowed[0], 1.0 / len(allowed)
         index = schema.class_index
         column = probs[:, row, col]
-        return max(allowed, key=lambda name: float(column[index[name]]))
+        label = max(allowed, key=lambda name: float(column[index[name]]))
+        return label, float(column[index[label]])
 
     def _regions(
         self,
@@ -223,13 +291,11 @@ class Predictor:
         evidence: RegionEvidence,
         generator: torch.Generator,
     ) -> list[tuple[dict, float]]:
-        """The chosen superpixels as (Label Studio result, informativeness), best first."""
+        """The chosen superpixels as (Label Studio result, raw acquisition value), best first."""
         control = schema.control("brush") or schema.control("polygon")
         if control is None or self.settings.regions_per_task == 0:
             return []
-        height, width = work.image.shape[-2:]
-        key = f"{task.get('data', {}).get(schema.image_key)}|{height}x{width}|{self.settings.superpixels}"
-        segments = self.superpixels.get(key, lambda: seeds_superpixels(to_uint8_rgb(work.image), self.settings.superpixels))
+        segments = self.superpixels_for(schema, task, work)
         k = self.settings.regions_per_task
         if evidence.pixel_scores is None:  # cold start: a random score per region
             sums = torch.rand(int(segments.max()) + 1, generator=generator, dtype=torch.float64).numpy()
@@ -247,11 +313,15 @@ class Predictor:
             return []
         allowed = [schema.class_index[name] for name in control.labels]
         if evidence.probs is None:
-            region_labels = {region: control.labels[0] for region in chosen}
+            region_labels = {region: (control.labels[0], 1.0 / len(control.labels)) for region in chosen}
         else:
-            restricted = evidence.probs[allowed].argmax(0).numpy()  # [h, w] index into `allowed`
-            majority = majority_labels(restricted, segments, len(allowed))
-            region_labels = {region: control.labels[int(majority[region])] for region in chosen}
+            allowed_probs = evidence.probs[allowed].numpy()  # [len(allowed), h, w]
+            majority = majority_labels(allowed_probs.argmax(0), segments, len(allowed))
+            region_labels = {}
+            for region in chosen:
+                label = int(majority[region])
+                confidence = float(allowed_probs[label][segments == region].mean())
+                region_labels[region] = (control.labels[label], confidence)
         # regions are drawn at the size Label Studio shows the image
         original_height, original_width = work.original_size
         full_segments = cv2.resize(segments, (original_width, original_height), interpolation=cv2.INTER_NEAREST)
@@ -260,11 +330,9 @@ class Predictor:
             mask = full_segments == region
             if not mask.any():  # cannot happen when upscaling; guards odd aspect ratios
                 continue
-            score = float(sums[region])
+            label, confidence = region_labels[region]
             maker = brush_region if control.kind == "brush" else polygon_region
-            result = maker(
-                mask, label=region_labels[region], score=score, from_name=control.name, to_name=schema.image_name
-            )
+            result = maker(mask, label=label, score=confidence, from_name=control.name, to_name=schema.image_name)
             if result is not None:
-                proposals.append((result, score))
+                proposals.append((result, float(sums[region])))
         return proposals

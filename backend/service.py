@@ -17,6 +17,7 @@ import torch
 from .config import Settings
 from .images import ImageFetcher
 from .label_config import LabelSchema, parse_label_config
+from .pool import PoolScorer
 from .predictor import Predictor
 from .store import ModelStore
 from .trainer import ProjectSource, Trainer
@@ -68,7 +69,10 @@ class ActiveLearningBackend:
         self.fetcher = ImageFetcher(settings)
         self.predictor = Predictor(settings, self.store, self.fetcher)
         self.schemas: dict[str, LabelSchema] = {}
-        self.trainer = Trainer(settings, self.store, self.fetcher, ProjectSource(self._client), self.schemas)
+        self.pool = PoolScorer(settings, self.store, self.predictor, self.schemas, self._client)
+        self.trainer = Trainer(
+            settings, self.store, self.fetcher, ProjectSource(self._client), self.schemas, listener=self.pool
+        )
         self.started_at = time.time()
         # load the newest checkpoint of every project in the background, so that a restart is
         # ready to serve without making the first request wait for it
@@ -107,6 +111,7 @@ class ActiveLearningBackend:
             self.fetcher.settings = self.settings
             self.predictor.settings = self.settings
             self.trainer.settings = self.settings
+            self.pool.settings = self.settings
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -121,6 +126,7 @@ class ActiveLearningBackend:
         except ValueError as error:
             raise BadRequest(str(error)) from error
         self._adopt_credentials(hostname, access_token)
+        self.pool.connected(pid)  # the first time: webhook auth, then the pool is scored in the background
         return {"model_version": self.store.current_name(pid)}
 
     def schema_for(self, pid: str, label_config) -> LabelSchema:
@@ -167,9 +173,10 @@ class ActiveLearningBackend:
 
     def status(self) -> dict:
         training = self.trainer.states()
+        pool = self.pool.states()
         served = self.store.projects()
         projects = {}
-        for pid in sorted(set(training) | set(served) | set(self.schemas)):
+        for pid in sorted(set(training) | set(served) | set(self.schemas) | set(pool)):
             model = served.get(pid)
             projects[pid] = {
                 "model_version": model.name if model else self.store.current_name(pid),
@@ -178,6 +185,8 @@ class ActiveLearningBackend:
                 "region_selection": _region_selection(model),
                 "memory_bank_vectors": len(model.memory_bank) if model and model.memory_bank is not None else 0,
                 "training": training.get(pid),
+                # the background job that scores every unlabeled task for Label Studio's task list
+                "pool": pool.get(pid),
             }
         with self._lock:
             counters = dict(self._counters)

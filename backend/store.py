@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from model.calibration import ScoreScale
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.contrastive import MemoryBank
 from model.network import BayesianSegmenter
@@ -38,6 +39,14 @@ class ServedModel:
     extra: dict
     memory_bank: MemoryBank | None = None
     projector: RegionProjector | None = None  # UMAP on the memory bank, for region selection
+    score_scale: ScoreScale | None = None  # task values -> [0, 1], fitted on the pool after training
+
+    def __post_init__(self):
+        if self.score_scale is None and isinstance(self.extra.get("score_scale"), dict):
+            try:
+                self.score_scale = ScoreScale.from_dict(self.extra["score_scale"])
+            except ValueError as error:
+                log.error("model v%d: unreadable score scale (%s); task scores use a fixed map", self.version, error)
 
     @property
     def name(self) -> str:

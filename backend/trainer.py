@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from model.calibration import ScoreScale
 from model.contrastive import MemoryBank
 from model.data import IGNORE_INDEX
 from model.network import BayesianSegmenter, ModelConfig, build_model
@@ -32,7 +33,7 @@ from .convert import annotation_to_labels
 from .images import ImageFetcher, ImageFetchError
 from .label_config import LabelSchema, parse_label_config
 from .predictor import working_resolution
-from .store import ModelStore
+from .store import ModelStore, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainingState:
     status: str = "idle"  # idle | running | succeeded | failed
-    phase: str = ""  # while running: collecting | training | fitting region projector | saving
+    phase: str = ""  # while running: collecting | training | fitting region projector | calibrating scores | saving
     reason: str = ""  # what asked for the current / last run
     step: int = 0
     total_steps: int = 0
@@ -84,6 +85,19 @@ class _Project:
     pending: bool = False
 
 
+class TrainingListener:
+    """What the trainer tells the rest of the backend (the pool scorer); no-ops by default."""
+
+    def training_started(self, project: str) -> None:
+        pass
+
+    def training_finished(self, project: str, version: int | None) -> None:
+        """`version`: the one published last, None when the last run failed."""
+
+    def fit_score_scale(self, project: str, candidate: ServedModel, schema: LabelSchema, samples) -> ScoreScale | None:
+        return None
+
+
 class Trainer:
     def __init__(
         self,
@@ -92,12 +106,14 @@ class Trainer:
         fetcher: ImageFetcher,
         source: ProjectSource,
         schemas: dict[str, LabelSchema],
+        listener: TrainingListener | None = None,
     ):
         self.settings = settings
         self.store = store
         self.fetcher = fetcher
         self.source = source
         self.schemas = schemas  # label configs seen in /setup and /predict, by project
+        self.listener = listener or TrainingListener()
         self._projects: dict[str, _Project] = {}
         self._lock = threading.Lock()
 
@@ -146,16 +162,20 @@ class Trainer:
                 return
 
     def _loop(self, project: str) -> None:
+        self.listener.training_started(project)  # e.g. pool scoring yields the CPU
         while True:
             self._run_once(project)
             with self._lock:
                 entry = self._project(project)
                 if not entry.pending:
-                    return
+                    succeeded = entry.state.status == "succeeded"
+                    version = entry.state.version if succeeded else None
+                    break
                 entry.pending = False
                 entry.state.follow_up_queued = False
                 entry.state.reason = "follow-up of requests made during the last run"
                 entry.state.status = "running"
+        self.listener.training_finished(project, version)
 
     def _run_once(self, project: str) -> None:
         state = self._project(project).state
@@ -273,10 +293,14 @@ class Trainer:
         if result.memory_bank is not None:
             self._phase(state, "fitting region projector")
             projector = self._fit_projector(project, result.memory_bank)
+        self._phase(state, "calibrating scores")
+        teacher = result.teacher if result.teacher is not None else model
+        candidate = ServedModel(teacher.eval(), 0, schema.classes, {}, result.memory_bank, projector)
+        scale = self.listener.fit_score_scale(project, candidate, schema, samples)
         self._phase(state, "saving")
         served = self.store.publish(
             project,
-            result.teacher if result.teacher is not None else model,
+            teacher,
             schema.classes,
             extra={
                 "images": state.images,
@@ -288,6 +312,7 @@ class Trainer:
                 "memory_bank_vectors": len(result.memory_bank) if result.memory_bank is not None else 0,
                 "projector_fit_seconds": round(projector.fit_seconds, 1) if projector is not None else None,
                 "seconds": round(result.seconds, 1),
+                "score_scale": scale.to_dict() if scale is not None else None,
             },
             memory_bank=result.memory_bank,
             projector=projector,

@@ -12,6 +12,7 @@ from backend.config import ConfigError, Settings
 from backend.convert import brush_mask, percent_to_pixel, polygon_mask
 from backend.label_config import LabelConfigError, parse_label_config
 from backend.service import ActiveLearningBackend
+from model.calibration import squash
 from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
 from model.network import ModelConfig, build_model
 from model.training import TrainConfig, train
@@ -215,10 +216,15 @@ def test_trained_model_serves_versioned_balent_points(tmp_path, image_server, tr
     for result in results:
         assert result["model_version"] == "segal-v1"
         points = [r for r in result["result"] if r["type"] == "keypointlabels"]
-        scores = [p["score"] for p in points]
-        assert len(points) == 5 and scores == sorted(scores, reverse=True)
-        assert result["score"] == pytest.approx(np.mean(scores))
+        values = [p["acquisition"]["value"] for p in points]
+        assert len(points) == 5 and values == sorted(values, reverse=True)  # most informative first
         assert all(p["value"]["keypointlabels"][0] in CLASSES for p in points)
+        # a point's score is the model's confidence in the label it proposes
+        assert all(0.0 < p["score"] <= 1.0 for p in points)
+        # the task's: the median of its 5 best pixel values, mapped to [0, 1], low = label first
+        task_value = points[0]["acquisition"]["task_value"]
+        assert task_value == pytest.approx(np.median(values))
+        assert result["score"] == pytest.approx(1.0 - squash(task_value))  # no fitted scale in this version
     # a restart serves the newest checkpoint that loads; a broken newest one is skipped
     backend.store.publish("9", trained_model, tuple(CLASSES), extra={})
     (settings.model_dir / "9" / "model-v2.pt").write_bytes(b"truncated")

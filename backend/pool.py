@@ -1,0 +1,430 @@
+"""Pool scoring: keep Label Studio's task list ordered most-informative-first, with no click.
+
+After every training run (and once when a project connects, with the cold-start proposals)
+a background job scores every task of the project that has no submitted annotation with
+the served version, and pushes the predictions to Label Studio in batches:
+
+- the same proposals and score ``/predict`` would give (``Predictor.predict_task``), with
+  ``model_version`` = the served version;
+- after each batch, this backend's older predictions of those tasks (``segal-v*`` of another
+  version, or a duplicate of this one) are deleted, so a task shows one current proposal;
+  predictions of other models are never touched;
+- after the first batch the project's ``model_version`` is set to the served version, so
+  the Data Manager's "Prediction score" column and ordering use it. Tasks not scored yet
+  have no score under it, and Label Studio sorts those last in either direction.
+
+The job never blocks a request: it runs in its own thread, images are downloaded and decoded
+by a small prefetch pool while the model works, memory is bounded whatever the pool size
+(one listing page, a few prefetched images, one push batch). A newer version or a training
+run cancels it; training's end starts a new one. After a restart of the backend the first
+``/setup`` of the project resumes it: tasks that already hold a prediction of the served
+version are skipped. A task that cannot be scored (unreadable image...) is skipped with a
+reason, in the log and in ``/health``, and the job goes on.
+
+MONAI Label does the same (re-score the dataset after every training); here the pool is Label
+Studio's task list and the score its "Prediction score".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from model.calibration import ScoreScale
+from model.data import IGNORE_INDEX
+
+from .config import Settings
+from .images import ImageFetchError
+from .label_config import LabelSchema
+from .labelstudio import LabelStudioProject
+from .predictor import Predictor, TaskError, WorkingImage
+from .store import ModelStore, ServedModel
+
+log = logging.getLogger(__name__)
+
+PUSH_BATCH = 25  # predictions per import request
+PREFETCH = 4  # images downloaded and decoded ahead of the model
+PREFETCH_THREADS = 2
+CALIBRATION_TASKS = 32  # pool tasks a new version's score scale is fitted on
+MIN_CALIBRATION_TASKS = 8  # fewer usable pool tasks: the training images fill in
+RECENT_SKIPS = 20  # skip reasons kept for /health
+RETRY_AFTER_SECONDS = 60  # a failed connect or job is retried on a /setup after this long
+
+
+@dataclass
+class PoolState:
+    status: str = "idle"  # idle | running | done | cancelled | failed | off
+    phase: str = ""  # while running: listing | scoring pool
+    reason: str = ""  # what started the current / last job
+    version: str = ""  # the version it scores with
+    total: int = 0  # tasks without a submitted annotation when the job began (capped by SEGAL_SCORE_POOL)
+    done: int = 0  # scored and pushed
+    already_current: int = 0  # held a prediction of this version already (a resumed job)
+    skipped: int = 0  # could not be scored
+    skipped_reasons: list[str] = field(default_factory=list)  # the most recent ones
+    superseded: int = 0  # older predictions of this backend deleted
+    tasks_per_second: float | None = None
+    eta_seconds: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    jobs: int = 0
+    webhooks_authorized: int = 0  # Label Studio webhooks given the basic-auth header
+
+    def snapshot(self) -> dict:
+        data = asdict(self)
+        data["skipped_reasons"] = list(self.skipped_reasons)
+        return data
+
+
+@dataclass
+class _Project:
+    state: PoolState = field(default_factory=PoolState)
+    thread: threading.Thread | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    restart: bool = False
+    connected_at: float | None = None  # the first /setup handled (webhooks, first job)
+    training: bool = False  # a training run is going: it starts the next job when it ends
+
+
+class Cancelled(Exception):
+    pass
+
+
+class PoolScorer:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        predictor: Predictor,
+        schemas: dict[str, LabelSchema],
+        client_factory: Callable[[str], object],
+    ):
+        self.settings = settings
+        self.store = store
+        self.predictor = predictor
+        self.schemas = schemas
+        self.client_factory = client_factory
+        self._projects: dict[str, _Project] = {}
+        self._lock = threading.Lock()
+
+    def _project(self, project: str) -> _Project:
+        return self._projects.setdefault(project, _Project())
+
+    def _api(self, project: str) -> LabelStudioProject:
+        return LabelStudioProject(self.client_factory, project)
+
+    # -- triggers -------------------------------------------------------------------------
+
+    def connected(self, project: str) -> None:
+        """A /setup of `project`: the first one (or one long after a failure) authorizes
+        Label Studio's webhook and starts (or resumes) scoring the pool. Returns at once."""
+        with self._lock:
+            entry = self._project(project)
+            failed = entry.state.status in ("failed", "off") and entry.state.finished_at is not None
+            retry = failed and time.time() - entry.state.finished_at > RETRY_AFTER_SECONDS
+            if entry.connected_at is not None and not retry:
+                return
+            entry.connected_at = time.time()
+        threading.Thread(target=self._connect, args=(project,), name=f"connect-{project}", daemon=True).start()
+
+    def _connect(self, project: str) -> None:
+        if self.settings.basic_auth is not None:
+            try:
+                changed = self._api(project).authorize_webhooks(*self.settings.basic_auth)
+                with self._lock:
+                    self._project(project).state.webhooks_authorized += changed
+                if changed:
+                    log.info("project %s: gave %d Label Studio webhook(s) the backend's basic auth", project, changed)
+            except Exception as error:  # noqa: BLE001 - webhooks are best effort; scoring goes on
+                log.warning(
+                    "project %s: could not give Label Studio's webhook the basic-auth header (%s); annotation "
+                    "events will be refused until it has it", project, _describe(error),
+                )
+        self.start(project, "project connected")
+
+    def training_started(self, project: str) -> None:
+        with self._lock:
+            entry = self._project(project)
+            entry.training = True
+        self.cancel(project, "a training run started")
+
+    def training_finished(self, project: str, version: int | None) -> None:
+        with self._lock:
+            self._project(project).training = False
+        reason = f"new version segal-v{version}" if version else "training failed; resuming with the served version"
+        self.start(project, reason)
+
+    def start(self, project: str, reason: str) -> None:
+        """Start a job with the served version; a running one is cancelled and restarted."""
+        with self._lock:
+            entry = self._project(project)
+            if entry.training:
+                return  # the run's end starts it, with the new version
+            if self.settings.score_pool == 0:
+                entry.state.status, entry.state.reason = "off", "SEGAL_SCORE_POOL=off"
+                return
+            entry.state.reason = reason
+            if entry.thread is not None and entry.thread.is_alive():
+                entry.restart = True
+                entry.cancel.set()
+                return
+            entry.cancel.clear()
+            entry.state.status = "running"
+            entry.thread = threading.Thread(target=self._loop, args=(project,), name=f"pool-{project}", daemon=True)
+            entry.thread.start()
+
+    def cancel(self, project: str, reason: str) -> None:
+        with self._lock:
+            entry = self._project(project)
+            entry.restart = False
+            if entry.thread is not None and entry.thread.is_alive():
+                log.info("project %s: pool scoring cancelled (%s)", project, reason)
+                entry.cancel.set()
+
+    def states(self) -> dict[str, dict]:
+        with self._lock:
+            return {project: entry.state.snapshot() for project, entry in self._projects.items()}
+
+    def wait(self, project: str, timeout: float | None = None) -> None:
+        """Block until the project's job (and a restart it has queued) ends; for tests and benchmarks."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                thread = self._project(project).thread
+            if thread is None or not thread.is_alive():
+                return
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+
+    # -- the job --------------------------------------------------------------------------
+
+    def _loop(self, project: str) -> None:
+        while True:
+            entry = self._projects[project]
+            try:
+                self._job(project, entry)
+            except Cancelled:
+                self._finish(entry, "cancelled")
+            except Exception as error:  # noqa: BLE001 - a failed job must never take the server down
+                log.warning("project %s: pool scoring failed: %s", project, _describe(error))
+                self._finish(entry, "failed", _describe(error))
+            with self._lock:
+                if not entry.restart:
+                    return
+                entry.restart = False
+                entry.cancel.clear()
+                entry.state.status = "running"
+
+    def _finish(self, entry: _Project, status: str, error: str | None = None) -> None:
+        with self._lock:
+            entry.state.status, entry.state.error, entry.state.phase = status, error, ""
+            entry.state.eta_seconds = None
+            entry.state.finished_at = time.time()
+
+    def _job(self, project: str, entry: _Project) -> None:
+        state = entry.state
+        served = self.store.current(project)
+        schema = self.schemas.get(project)
+        if schema is None:
+            raise RuntimeError("no labeling config for this project yet (Label Studio sends it in /setup)")
+        if served.model is not None and served.classes != schema.classes:
+            served = ServedModel(None, served.version, served.classes, {})  # as /predict does
+        with self._lock:
+            state.version, state.phase, state.error = served.name, "listing", None
+            state.total = state.done = state.already_current = state.skipped = state.superseded = 0
+            state.skipped_reasons = []
+            state.tasks_per_second = state.eta_seconds = None
+            state.started_at, state.finished_at = time.time(), None
+            state.jobs += 1
+        try:
+            api = self._api(project)
+            api.client  # noqa: B018 - fails here when no Label Studio API is configured
+        except RuntimeError as error:  # no Label Studio API configured: nothing to push to
+            with self._lock:
+                state.status, state.error, state.finished_at = "off", str(error), time.time()
+            return
+        log.info("project %s: scoring the pool with %s (%s)", project, served.name, state.reason)
+        job = _Job(self, project, entry, api, served, schema)
+        job.run()
+        self._finish(entry, "done")
+        log.info(
+            "project %s: pool scored with %s: %d pushed, %d already current, %d skipped, %d old predictions removed",
+            project, served.name, state.done, state.already_current, state.skipped, state.superseded,
+        )
+
+    # -- the score scale of a new version (called by the trainer before it publishes) -----
+
+    def fit_score_scale(
+        self,
+        project: str,
+        candidate: ServedModel,
+        schema: LabelSchema,
+        training_samples: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> ScoreScale | None:
+        """Fit the version's ScoreScale on the task values of up to CALIBRATION_TASKS pool
+        tasks (the training images fill in when the pool is small or out of reach)."""
+        values: list[float] = []
+        try:
+            page = next(self._api(project).pool_pages(page_size=CALIBRATION_TASKS), None)
+            for pool_task in page.tasks if page is not None else []:
+                try:
+                    work = self.predictor.load(schema, pool_task.task)
+                    values.append(self.predictor.task_value(candidate, schema, work, pool_task.task))
+                except (TaskError, ImageFetchError, ValueError) as error:
+                    log.info("project %s task %s: not used for the score scale: %s", project, pool_task.task["id"], error)
+        except Exception as error:  # noqa: BLE001 - no pool sample: the training images stand in
+            log.info("project %s: no pool sample for the score scale (%s)", project, _describe(error))
+        if len(values) < MIN_CALIBRATION_TASKS:
+            for index, (image, labels) in enumerate(training_samples[:CALIBRATION_TASKS]):
+                values.append(self.predictor.image_value(candidate.model, image, labels != IGNORE_INDEX, seed=index))
+        try:
+            return ScoreScale.fit(values)
+        except ValueError as error:
+            log.warning("project %s: no score scale (%s); task scores use a fixed map", project, error)
+            return None
+
+
+class _Job:
+    """One pass over the pool: list, prefetch, score, push in batches, supersede, switch."""
+
+    def __init__(self, scorer: PoolScorer, project: str, entry: _Project, api: LabelStudioProject,
+                 served: ServedModel, schema: LabelSchema):  # fmt: skip
+        self.scorer, self.project, self.entry, self.api = scorer, project, entry, api
+        self.served, self.schema = served, schema
+        self.state = entry.state
+        self.limit = scorer.settings.score_pool  # None: every task
+        self.batch: list[dict] = []
+        self.to_delete: list[int] = []
+        self.switched = False
+        self.scoring_started: float | None = None
+
+    def _check_cancel(self) -> None:
+        if self.entry.cancel.is_set():
+            raise Cancelled()
+
+    def _tasks(self):
+        """The pool tasks, lazily, page by page; sets the job's total from the first page."""
+        first = True
+        for page in self.api.pool_pages():
+            if first:
+                total = page.remaining if self.limit is None else min(page.remaining, self.limit)
+                with self.scorer._lock:
+                    self.state.total, self.state.phase = total, "scoring pool"
+                first = False
+            yield from page.tasks
+
+    def run(self) -> None:
+        predictor = self.scorer.predictor
+        version = self.served.name
+        in_flight: deque[tuple[dict, list[int], Future]] = deque()
+        considered = 0
+        with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix=f"pool-{self.project}-fetch") as prefetch:
+            try:
+                tasks = self._tasks()
+                exhausted = False
+                self.scoring_started = time.monotonic()
+                while True:
+                    # keep PREFETCH images on their way while the model works on the oldest
+                    while not exhausted and len(in_flight) < PREFETCH:
+                        if self.limit is not None and considered >= self.limit:
+                            exhausted = True
+                            break
+                        pool_task = next(tasks, None)
+                        if pool_task is None:
+                            exhausted = True
+                            break
+                        considered += 1
+                        current = sorted(pid for pid, v in pool_task.own_predictions if v == version)
+                        older = [pid for pid, v in pool_task.own_predictions if v != version]
+                        if current:  # scored by this version before (a resumed job): keep the newest
+                            self.to_delete.extend(older + current[:-1])
+                            with self.scorer._lock:
+                                self.state.already_current += 1
+                            continue
+                        future = prefetch.submit(self._prepare, pool_task.task)
+                        in_flight.append((pool_task.task, older, future))
+                    if not in_flight:
+                        break
+                    self._check_cancel()
+                    task, older, future = in_flight.popleft()
+                    try:
+                        work = future.result()
+                        result = predictor.predict_task(self.served, self.schema, task, work=work)
+                    except (TaskError, ImageFetchError, ValueError) as error:
+                        self._skip(task, str(error))
+                        continue
+                    self.batch.append({"task": task["id"], **result})
+                    self.to_delete.extend(older)
+                    if len(self.batch) >= PUSH_BATCH:
+                        self._flush()
+                self._flush()
+                if not self.switched and self.state.already_current and self.api.model_version() != version:
+                    self.api.set_model_version(version)
+            finally:
+                for _, _, future in in_flight:
+                    future.cancel()
+
+    def _prepare(self, task: dict) -> WorkingImage:
+        """In a prefetch thread: download, decode, resize, and the superpixels when regions are asked."""
+        predictor = self.scorer.predictor
+        work = predictor.load(self.schema, task)
+        predictor.superpixels_for(self.schema, task, work)
+        return work
+
+    def _skip(self, task: dict, reason: str) -> None:
+        log.warning("project %s task %s: skipped by pool scoring: %s", self.project, task.get("id"), reason)
+        with self.scorer._lock:
+            self.state.skipped += 1
+            self.state.skipped_reasons = (self.state.skipped_reasons + [f"task {task.get('id')}: {reason}"])[
+                -RECENT_SKIPS:
+            ]
+            self._progress()
+
+    def _flush(self) -> None:
+        if self.batch:
+            self.api.push_predictions(self.batch)  # new ones first: a task never has none
+            pushed, self.batch = len(self.batch), []
+            if not self.switched:
+                self.api.set_model_version(self.served.name)
+                self.switched = True
+            with self.scorer._lock:
+                self.state.done += pushed
+                self._progress()
+        deleted = 0
+        for prediction_id in self.to_delete:
+            try:
+                self.api.delete_prediction(prediction_id)
+                deleted += 1
+            except Exception as error:  # noqa: BLE001 - e.g. deleted meanwhile by a person
+                log.info("project %s: prediction %s not deleted: %s", self.project, prediction_id, _describe(error))
+        self.to_delete = []
+        with self.scorer._lock:
+            self.state.superseded += deleted
+
+    def _progress(self) -> None:
+        """Rate and ETA; call with the scorer's lock held."""
+        state = self.state
+        handled = state.done + state.skipped
+        elapsed = time.monotonic() - (self.scoring_started or time.monotonic())
+        if handled and elapsed > 0:
+            state.tasks_per_second = round(handled / elapsed, 3)
+            left = max(state.total - handled - state.already_current, 0)
+            state.eta_seconds = round(left / state.tasks_per_second, 1)
+
+
+def _describe(error: Exception) -> str:
+    """An API error in one line (label-studio-sdk's ApiError repr holds every response header)."""
+    status = getattr(error, "status_code", None)
+    body = getattr(error, "body", None)
+    if status is not None:
+        return f"Label Studio answered HTTP {status}: {str(body)[:200]}"
+    return f"{type(error).__name__}: {str(error)[:300]}"
