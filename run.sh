@@ -5,6 +5,7 @@
 #                    in .venv-label-studio, Chromium), then run the test suite
 #   ./run.sh setup   set up only (SEGAL_EXTRAS=test to add the test tools)
 #   ./run.sh bench   set up, then print the inference / acquisition benchmark
+#   ./run.sh bench-pool   pool scoring through a real Label Studio (tasks/s, x forward, memory)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -42,6 +43,7 @@ case "$command" in
     start) setup ""; exec "$VENV/bin/segal-backend" "$@" ;;
     test) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) setup ""; exec "$VENV/bin/segal-benchmark" "$@" ;;
+    bench-pool) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" scripts/pool_benchmark.py "$@" ;;
     demo) setup ""; exec "$VENV/bin/segal-demo" "$@" ;;
-    *) echo "usage: ./run.sh [start|test|setup|bench|demo] [args...]" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh [start|test|setup|bench|bench-pool|demo] [args...]" >&2; exit 2 ;;
 esac

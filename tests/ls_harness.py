@@ -196,15 +196,17 @@ def start_service(
     cwd: Path | None = None,
     timeout: float = 120.0,
     name: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> BackgroundProcess:
-    """Start a server (e.g. ``.venv/bin/segal-backend``) and wait until ``health_url`` answers 200.
+    """Start a server (e.g. ``.venv/bin/segal-backend``) and wait until ``health_url`` answers 200
+    (sent with `headers`, e.g. basic auth).
 
     If it does not come up, it is stopped again before the error propagates, so a failed start
     never leaves a process behind. The caller stops it with ``.stop()``.
     """
     process = BackgroundProcess(argv, log_path, env=env, cwd=cwd, name=name).start()
     try:
-        wait_for_http(health_url, timeout, process)
+        wait_for_http(health_url, timeout, process, headers)
     except BaseException:
         process.stop()
         raise

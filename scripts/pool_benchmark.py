@@ -1,0 +1,133 @@
+"""Pool scoring against a real Label Studio: throughput, cost per task, memory vs pool size.
+
+    ./run.sh bench-pool [--tasks 200] [--small 50] [--regions]
+
+Starts a Label Studio 1.23.2 on loopback (tests/ls_harness.py), imports real CamVid images
+into two projects (`--small` and `--tasks` tasks), and scores each through the backend's pool
+job (``backend.pool``: listing, prefetch, MC-dropout proposals, batched pushes, superseding,
+the project's model_version) with the default settings and a model with the packaged
+ImageNet encoder. Prints, in one run:
+- tasks per second and the per-task wall time as a ratio to one plain forward of the same
+  model on one 480x360 image (median of several, measured in the same run);
+- the peak resident memory of this process during each job (Linux VmHWM, reset before each
+  job), which must not grow with the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from ls_harness import LabelStudioServer, camvid_label_config, import_images  # noqa: E402
+
+from backend.config import Settings  # noqa: E402
+from backend.label_config import parse_label_config  # noqa: E402
+from backend.service import ActiveLearningBackend  # noqa: E402
+from model.network import ModelConfig, build_model  # noqa: E402
+
+KEYPOINTS_ONLY = (
+    '<View><Image name="image" value="$image"/><KeyPointLabels name="point" toName="image">{labels}'
+    "</KeyPointLabels></View>"
+)
+
+
+def reset_peak_memory() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
+
+
+def plain_forward_seconds(model, repeats: int = 7) -> float:
+    image = torch.rand(1, 3, 368, 480)  # 480x360 padded to DeepLabV3+'s multiple of 16
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        model(image)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(image)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_project(ls, client, config: str, images: list[Path], title: str) -> int:
+    project = client.projects.create(title=title, label_config=config)
+    for start in range(0, len(images), 50):  # several imports: one multipart request stays small
+        import_images(ls, project.id, images[start : start + 50])
+    return project.id
+
+
+def score(backend: ActiveLearningBackend, project: int, config: str) -> tuple[dict, float, float]:
+    pid = str(project)
+    backend.schemas[pid] = parse_label_config(config)
+    reset_peak_memory()
+    start = time.perf_counter()
+    backend.pool.start(pid, "benchmark")
+    backend.pool.wait(pid)
+    seconds = time.perf_counter() - start
+    state = backend.pool.states()[pid]
+    if state["status"] != "done":
+        raise RuntimeError(f"pool job of project {pid} ended {state['status']}: {state['error']}")
+    return state, seconds, peak_memory_mib()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=200, help="tasks of the large pool (default 200)")
+    parser.add_argument("--small", type=int, default=50, help="tasks of the small pool (default 50)")
+    parser.add_argument("--regions", action="store_true", help="BrushLabels too (superpixel regions per task)")
+    parser.add_argument("--camvid", type=Path, default=REPO.parent / "shared" / "datasets" / "camvid")
+    args = parser.parse_args(argv)
+    images = sorted((args.camvid / "train").glob("*.png"))
+    if len(images) < args.tasks:
+        sys.exit(f"need {args.tasks} CamVid train images in {args.camvid}, found {len(images)}")
+    from model.data import CAMVID_CLASSES
+
+    labels = "".join(f'<Label value="{name}"/>' for name in CAMVID_CLASSES)
+    config = camvid_label_config() if args.regions else KEYPOINTS_ONLY.format(labels=labels)
+    with tempfile.TemporaryDirectory(prefix="segal-pool-bench-") as work, LabelStudioServer() as ls:
+        client = ls.client()
+        warm = make_project(ls, client, config, images[:6], "warm-up")
+        small = make_project(ls, client, config, images[: args.small], f"pool of {args.small}")
+        large = make_project(ls, client, config, images[: args.tasks], f"pool of {args.tasks}")
+        settings = Settings.from_env(
+            {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "MODEL_DIR": str(Path(work) / "models")}
+        )
+        backend = ActiveLearningBackend(settings)
+        model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES)))
+        for project in (warm, small, large):
+            backend.store.publish(str(project), model, tuple(CAMVID_CLASSES), extra={})
+        forward_before = plain_forward_seconds(model)
+        score(backend, warm, config)  # threads, allocator and caches warm
+        runs = [(args.small, *score(backend, small, config)), (args.tasks, *score(backend, large, config))]
+        forward = statistics.median([forward_before, plain_forward_seconds(model)])
+    kind = "keypoints + brush regions" if args.regions else "keypoints only"
+    print(f"pool scoring through Label Studio 1.23.2, {kind}, "
+          f"{settings.mc_samples} MC samples, torch threads {torch.get_num_threads()}")
+    print(f"plain forward, one 480x360 image: {forward * 1000:.0f} ms (median)")
+    print(f"{'tasks':>6} {'seconds':>8} {'tasks/s':>8} {'s/task':>7} {'x forward':>9} {'peak RSS MiB':>12}")
+    for tasks, state, seconds, peak in runs:
+        per_task = seconds / max(state["done"], 1)
+        print(f"{tasks:>6} {seconds:>8.1f} {state['done'] / seconds:>8.2f} {per_task:>7.3f} "
+              f"{per_task / forward:>9.2f} {peak:>12.0f}")
+    (_, _, _, small_peak), (_, _, _, large_peak) = runs
+    print(f"peak memory, {args.tasks} vs {args.small} tasks: {large_peak / small_peak:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
