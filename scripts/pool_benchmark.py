@@ -16,6 +16,7 @@ ImageNet encoder. Prints, in one run:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, default=200, help="tasks of the large pool (default 200)")
     parser.add_argument("--small", type=int, default=50, help="tasks of the small pool (default 50)")
     parser.add_argument("--regions", action="store_true", help="BrushLabels too (superpixel regions per task)")
-    parser.add_argument("--camvid", type=Path, default=REPO.parent / "shared" / "datasets" / "camvid")
+    parser.add_argument(
+        "--camvid", type=Path, default=Path(os.environ.get("CAMVID_DIR", REPO.parent / "shared" / "datasets" / "camvid"))
+    )
     args = parser.parse_args(argv)
     images = sorted((args.camvid / "train").glob("*.png"))
     if len(images) < args.tasks:

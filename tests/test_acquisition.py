@@ -144,3 +144,21 @@ def test_degenerate_scores_become_lowest_priority():
     coords = select_pixels(scores, 6)
     assert coords[-1].tolist() == [0, 0]
     assert math.isfinite(float(scores.min()))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_pixels_matches_a_full_stable_sort(seed):
+    """The topk shortcut picks exactly what sorting every eligible pixel would: ties to the
+    lower flat index, non-finite scores after finite ones, excluded pixels never."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (30, 40), generator=generator).double()  # many ties
+    scores[torch.rand(30, 40, generator=generator) < 0.05] = float("nan")
+    scores[torch.rand(30, 40, generator=generator) < 0.02] = float("inf")
+    exclude = torch.rand(30, 40, generator=generator) < 0.3
+    for n in (0, 1, 5, 37, 30 * 40):
+        flat = scores.reshape(-1)
+        eligible = torch.nonzero(~exclude.reshape(-1), as_tuple=True)[0]
+        values = torch.where(torch.isfinite(flat[eligible]), flat[eligible], torch.full_like(flat[eligible], -1e308))
+        reference = eligible[torch.sort(values, descending=True, stable=True).indices[:n]]
+        chosen = select_pixels(scores, n, exclude)
+        assert chosen.tolist() == torch.stack([reference // 40, reference % 40], dim=1).tolist()

@@ -168,6 +168,8 @@ def test_label_studio_round_trip(label_studio, backend_server, camvid_dir, artif
     names = sorted(p.name for p in (camvid_dir / "train").glob("*.png"))[::30][:NUM_TASKS]
     task_ids = import_images(label_studio, project.id, [camvid_dir / "train" / n for n in names])
     assert len(task_ids) == NUM_TASKS
+    # a task whose image cannot be downloaded: the pool job skips it with a reason and goes on
+    broken = client.tasks.create(project=project.id, data={"image": "/data/upload/1/not-there.png"}).id
     ml = client.ml.create(
         project=project.id, url=backend_server, title="segal", is_interactive=False,
         auth_method="BASIC_AUTH", basic_auth_user=BASIC_AUTH[0], basic_auth_pass=BASIC_AUTH[1],
@@ -175,7 +177,9 @@ def test_label_studio_round_trip(label_studio, backend_server, camvid_dir, artif
 
     # 1. connecting scores the whole project (cold start), with no click and no /predict
     cold = wait_until(lambda: pool_done(backend_server, project.id, "segal-v0-untrained"), 180, "the cold-start pool job")
-    assert cold["done"] == NUM_TASKS and cold["skipped"] == 0
+    assert cold["done"] == NUM_TASKS and cold["skipped"] == 1 and cold["total"] == NUM_TASKS + 1
+    assert f"task {broken}" in cold["skipped_reasons"][0], cold["skipped_reasons"]
+    assert predictions_of(client, broken) == []
     first = {}
     for task_id in task_ids:
         predictions = predictions_of(client, task_id)
@@ -223,7 +227,7 @@ def test_label_studio_round_trip(label_studio, backend_server, camvid_dir, artif
     # 4. with no further click, one pool job re-scores every unlabeled task with version 1
     pool = wait_until(lambda: pool_done(backend_server, project.id, "segal-v1"), 300, "the segal-v1 pool job")
     unlabeled = task_ids[ANNOTATED:]
-    assert pool["done"] == len(unlabeled) and pool["skipped"] == 0 and pool["superseded"] == len(unlabeled)
+    assert pool["done"] == len(unlabeled) and pool["skipped"] == 1 and pool["superseded"] == len(unlabeled)
     assert health(backend_server)["predict_requests"] == predict_calls, "tasks were scored one /predict at a time"
     scores = {}
     for task_id in unlabeled:
@@ -240,7 +244,10 @@ def test_label_studio_round_trip(label_studio, backend_server, camvid_dir, artif
     assert client.projects.get(id=project.id).model_version == "segal-v1"
     # Label Studio's task list, ordered by prediction score: the backend's ranking, lowest
     # (most informative) first, every score readable in [0, 1]; unscored tasks sort last
-    ordered = [t for t in tasks_by_prediction_score(label_studio, project.id) if t["id"] in scores]
+    everything = tasks_by_prediction_score(label_studio, project.id)
+    assert len(everything) == NUM_TASKS + 1
+    ordered, unscored = everything[: len(scores)], everything[len(scores) :]
+    assert all(t["predictions_score"] is None for t in unscored)  # annotated ones and the broken one
     listed = [t["predictions_score"] for t in ordered]
     assert all(score is not None and 0.0 <= score <= 1.0 for score in listed), listed
     assert [t["id"] for t in ordered] == sorted(scores, key=scores.get)
