@@ -13,9 +13,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
-
 from model import acquisition_names
+
+from .urls import UnsafeURL, normalize_host, parse_target
 
 
 class ConfigError(ValueError):
@@ -54,6 +54,13 @@ class Settings:
     ema_decay: float | None = 0.99  # SEGAL_EMA_DECAY (alpha of the EMA teacher); 0: serve the student
     seed: int = 0  # SEGAL_SEED
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)  # SEGAL_ALLOWED_HOSTS, comma-separated
+    # limits on untrusted input (README "Security")
+    max_request_bytes: int = 64 * 2**20  # SEGAL_MAX_REQUEST_MB: request body
+    max_json_depth: int = 64  # SEGAL_MAX_JSON_DEPTH: nesting of a request's JSON
+    max_image_bytes: int = 64 * 2**20  # SEGAL_MAX_IMAGE_MB: one downloaded image
+    max_image_pixels: int = 40_000_000  # SEGAL_MAX_IMAGE_MEGAPIXELS: width x height, read from the header
+    download_timeout: float = 30.0  # SEGAL_DOWNLOAD_TIMEOUT: seconds for a whole download (and a free slot)
+    max_downloads: int = 4  # SEGAL_MAX_DOWNLOADS: downloads at once, below SEGAL_THREADS
 
     @property
     def image_cache_dir(self) -> Path:
@@ -101,7 +108,13 @@ class Settings:
             contrastive_weight=reader.number("SEGAL_CONTRASTIVE_WEIGHT", 0.1, 0.0, 100.0),
             ema_decay=reader.number("SEGAL_EMA_DECAY", 0.99, 0.0, 0.9999) or None,
             seed=reader.integer("SEGAL_SEED", 0, 0, 2**31 - 1),
-            allowed_hosts=tuple(h.strip().lower() for h in env.get("SEGAL_ALLOWED_HOSTS", "").split(",") if h.strip()),
+            allowed_hosts=reader.hosts("SEGAL_ALLOWED_HOSTS"),
+            max_request_bytes=reader.integer("SEGAL_MAX_REQUEST_MB", 64, 1, 4096) * 2**20,
+            max_json_depth=reader.integer("SEGAL_MAX_JSON_DEPTH", 64, 8, 500),
+            max_image_bytes=reader.integer("SEGAL_MAX_IMAGE_MB", 64, 1, 4096) * 2**20,
+            max_image_pixels=round(reader.number("SEGAL_MAX_IMAGE_MEGAPIXELS", 40, 0.01, 1000) * 1e6),
+            download_timeout=reader.number("SEGAL_DOWNLOAD_TIMEOUT", 30, 0.1, 3600),
+            max_downloads=reader.max_downloads(),
         )
         if settings.encoder_weights == "none":
             settings = dataclasses.replace(settings, encoder_weights=None)
@@ -151,8 +164,28 @@ class _Reader:
             return raw
         raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}.")
 
+    def hosts(self, name: str) -> tuple[str, ...]:
+        hosts = []
+        for entry in self.env.get(name, "").split(","):
+            if entry.strip() == "*":
+                hosts.append("*")
+            elif entry.strip():
+                try:
+                    hosts.append(normalize_host(entry))
+                except UnsafeURL as error:
+                    raise ConfigError(f"{name}: {error} List host names or IP addresses, without port or scheme.") from None
+        return tuple(hosts)
+
+    def max_downloads(self) -> int:
+        threads = self.integer("SEGAL_THREADS", 8, 1, 256)
+        # at least two request threads stay free of downloads, for /health and webhooks
+        return self.integer("SEGAL_MAX_DOWNLOADS", min(4, max(1, threads - 2)), 1, max(1, threads - 2))
+
     def url(self, name: str) -> str:
         raw = self.env.get(name, "").strip().rstrip("/")
-        if raw and urlparse(raw).scheme not in ("http", "https"):
-            raise ConfigError(f"{name}={raw!r} must start with http:// or https://.")
+        if raw:
+            try:
+                parse_target(raw)
+            except UnsafeURL as error:
+                raise ConfigError(f"{name}={raw!r}: {error} Use http(s)://host[:port][/path].") from None
         return raw

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from model.data import IGNORE_INDEX
+
 SUPPORTED_CONTROLS = {"KeyPointLabels": "keypoint", "BrushLabels": "brush", "PolygonLabels": "polygon"}
+# label maps are uint8 with IGNORE_INDEX (255) for "unlabeled", so classes are 0..254
+MAX_CLASSES = IGNORE_INDEX
+MAX_CONFIG_CHARACTERS = 1_000_000
 
 
 class LabelConfigError(ValueError):
@@ -47,12 +52,16 @@ class LabelSchema:
 
 
 def parse_label_config(config: str) -> LabelSchema:
-    if not config or not config.strip():
+    if not isinstance(config, str):
+        raise LabelConfigError(f"The labeling config must be a string of XML, got {type(config).__name__}.")
+    if not config.strip():
         raise LabelConfigError("The labeling config is empty.")
+    if len(config) > MAX_CONFIG_CHARACTERS:
+        raise LabelConfigError(f"The labeling config is longer than {MAX_CONFIG_CHARACTERS} characters.")
     try:
         interface = LabelInterface(config)
     except Exception as error:  # noqa: BLE001 - the sdk raises several kinds on bad XML
-        raise LabelConfigError(f"The labeling config is not valid XML: {error}") from error
+        raise LabelConfigError(f"The labeling config is not valid XML: {str(error)[:300]}") from error
     images = [obj for obj in interface.objects if obj.tag == "Image"]
     supported = [c for c in interface.controls if c.tag in SUPPORTED_CONTROLS]
     if not images or not supported:
@@ -76,6 +85,11 @@ def parse_label_config(config: str) -> LabelSchema:
         classes.extend(label for label in labels if label not in classes)
     if len(classes) < 2:
         raise LabelConfigError(f"Semantic segmentation needs at least 2 labels, the config has {classes}.")
+    if len(classes) > MAX_CLASSES:
+        raise LabelConfigError(
+            f"The config has {len(classes)} distinct labels; this backend handles at most {MAX_CLASSES} "
+            "(label maps are 8-bit, with 255 meaning unlabeled). Split the labels over projects."
+        )
     value = image.value or ""
     key = value[1:] if value.startswith("$") else value
     if not key:

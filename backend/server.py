@@ -14,6 +14,7 @@ import sys
 from gunicorn.app.base import BaseApplication
 
 from .config import ConfigError, Settings
+from .store import ModelDirError, prepare_model_dir
 
 
 class _Gunicorn(BaseApplication):
@@ -49,8 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
-    except ConfigError as error:
+        prepare_model_dir(settings.model_dir)  # a clear message now, not a worker that fails to boot
+    except (ConfigError, ModelDirError) as error:
         sys.exit(f"segal-backend: {error}")
+    if settings.label_studio_api_key and not settings.label_studio_url:
+        logging.getLogger(__name__).warning(
+            "LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is never sent anywhere "
+            "(a URL learned from /setup is used only with the token that comes with it); set LABEL_STUDIO_URL."
+        )
     host = args.host or settings.host
     port = args.port or settings.port
     _Gunicorn(

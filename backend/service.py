@@ -19,8 +19,9 @@ from .images import ImageFetcher
 from .label_config import LabelSchema, parse_label_config
 from .pool import PoolScorer
 from .predictor import Predictor
-from .store import ModelStore
+from .store import MAX_PROJECT_ID_DIGITS, ModelStore, is_project_id
 from .trainer import ProjectSource, Trainer
+from .urls import UnsafeURL, parse_target, shorten
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,32 @@ class BadRequest(ValueError):
 
 
 def project_id(value) -> str:
-    """Label Studio names a project "<id>.<created-at>" in /setup and /predict, and {"id": ...} in webhooks."""
+    """Label Studio names a project "<id>.<created-at>" in /setup and /predict, and {"id": ...} in webhooks.
+
+    The one place ids are checked: ASCII digits, at most MAX_PROJECT_ID_DIGITS of them
+    (``str.isdigit`` would also take "\u0661", which then breaks every path and /health).
+    """
     if isinstance(value, dict):
         value = value.get("id")
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, str) and value.split(".")[0].isdigit():
-        return value.split(".")[0]
-    raise BadRequest(f"Missing or malformed project id: {value!r}.")
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.split(".", 1)[0]
+    else:
+        text = None
+    if text is None or not is_project_id(text):
+        raise BadRequest(
+            f"Missing or malformed project id: {shorten(value)} (Label Studio's numeric project id, "
+            f"at most {MAX_PROJECT_ID_DIGITS} digits)."
+        )
+    return str(int(text))
+
+
+def _same_origin(url: str, target) -> bool:
+    try:
+        return parse_target(url).same_origin(target)
+    except UnsafeURL:
+        return False
 
 
 def choose_device(name: str) -> torch.device:
@@ -64,6 +83,7 @@ def choose_device(name: str) -> torch.device:
 class ActiveLearningBackend:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self._environment_url = settings.label_studio_url  # the only URL the environment's key may go to
         self.device = choose_device(settings.device)
         self.store = ModelStore(settings.model_dir, self.device)
         self.fetcher = ImageFetcher(settings)
@@ -99,12 +119,43 @@ class ActiveLearningBackend:
         return LabelStudio(base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key)
 
     def _adopt_credentials(self, hostname, access_token) -> None:
-        """Use the URL and token Label Studio sends in /setup when the environment gives none."""
+        """Use the URL and token Label Studio sends in /setup where the environment gives none.
+
+        A key only ever goes to the URL it came with (README "Security"): the environment's
+        LABEL_STUDIO_API_KEY to the environment's LABEL_STUDIO_URL, and a URL learned here only
+        with the access_token of the same call, never with the environment's key. Once a URL
+        is learned, /setup calls naming another host are ignored.
+        """
+        token = access_token.strip() if isinstance(access_token, str) else ""
+        offered = None
+        if isinstance(hostname, str) and hostname.strip():
+            try:
+                offered = parse_target(hostname.strip())
+            except UnsafeURL as error:
+                log.warning("ignoring the hostname of a /setup call: %s", error)
+        if offered is None:
+            return
         changes = {}
-        if not self.settings.label_studio_url and isinstance(hostname, str) and hostname.startswith("http"):
-            changes["label_studio_url"] = hostname.rstrip("/")
-        if not self.settings.label_studio_api_key and isinstance(access_token, str) and access_token:
-            changes["label_studio_api_key"] = access_token
+        if self._environment_url:
+            # the environment names Label Studio: a token from /setup may only fill a missing key,
+            # and only when it came from that same Label Studio
+            try:
+                same = offered.same_origin(parse_target(self._environment_url))
+            except UnsafeURL:
+                same = False
+            if same and token and not self.settings.label_studio_api_key:
+                changes["label_studio_api_key"] = token
+        else:
+            current = self.settings.label_studio_url
+            if current and not _same_origin(current, offered):
+                log.warning(
+                    "ignoring /setup's hostname %s: the backend already uses %s (set LABEL_STUDIO_URL to choose)",
+                    shorten(offered.origin), current,
+                )
+                return
+            learned = offered.url.rstrip("/")
+            if (learned, token) != (current, self.settings.label_studio_api_key):
+                changes = {"label_studio_url": learned, "label_studio_api_key": token}
         if changes:
             log.info("using %s from Label Studio's /setup call", ", ".join(sorted(changes)))
             self.settings = dataclasses.replace(self.settings, **changes)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +25,40 @@ import torch
 
 from model.calibration import ScoreScale
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.files import remove_interrupted_writes
 from model.contrastive import MemoryBank
 from model.network import BayesianSegmenter
 from model.regions import RegionProjector
 
 log = logging.getLogger(__name__)
 _VERSION_FILE = re.compile(r"^model-v(\d+)\.pt$")
+MAX_PROJECT_ID_DIGITS = 18  # Label Studio's ids are 64-bit integers; more digits is not an id
+_PROJECT_ID = re.compile(r"[0-9]{1,%d}" % MAX_PROJECT_ID_DIGITS)  # ASCII digits only, unlike str.isdigit
+
+
+def is_project_id(text: str) -> bool:
+    return isinstance(text, str) and _PROJECT_ID.fullmatch(text) is not None
+
+
+class ModelDirError(ValueError):
+    """MODEL_DIR cannot hold checkpoints; the message names the folder and the fix."""
+
+
+def prepare_model_dir(model_dir: Path) -> Path:
+    """Create MODEL_DIR if missing and check that files can be written in it; raises ModelDirError."""
+    folder = Path(model_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check.{uuid.uuid4().hex}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        kind = "not a directory" if folder.exists() and not folder.is_dir() else "not a writable directory"
+        raise ModelDirError(
+            f"MODEL_DIR={str(folder)!r} is {kind} ({error.strerror or error}). Point MODEL_DIR at a folder the "
+            "backend's user can write (it is created if missing)."
+        ) from None
+    return folder
 
 
 @dataclass
@@ -60,11 +90,21 @@ class ModelStore:
         self._served: dict[str, ServedModel] = {}
         self._lock = threading.Lock()  # guards _served and _loading; never held while loading
         self._loading: dict[str, threading.Lock] = {}  # per project: one load or publish at a time
+        self._unreadable: set[Path] = set()  # checkpoints a load found broken: never named as current
+        prepare_model_dir(self.model_dir)
+        for folder in [self.model_dir, *self._project_folders()]:
+            remove_interrupted_writes(folder)  # from a kill or a full disk during a save
 
     def project_dir(self, project: str) -> Path:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", project) or project.startswith("."):
-            raise ValueError(f"Invalid project id {project!r}.")
+        if not is_project_id(project):
+            raise ValueError(f"Invalid project id {project[:40]!r}: ASCII digits, at most {MAX_PROJECT_ID_DIGITS}.")
         return self.model_dir / project
+
+    def _project_folders(self) -> list[Path]:
+        try:
+            return [p for p in self.model_dir.iterdir() if is_project_id(p.name) and p.is_dir()]
+        except OSError:
+            return []
 
     def versions(self, project: str) -> list[int]:
         folder = self.project_dir(project)
@@ -94,18 +134,28 @@ class ModelStore:
 
     def current_name(self, project: str) -> str:
         """The version name without loading anything (for /setup, which Label Studio gives 3 s):
-        the served one if loaded, else the newest checkpoint on disk."""
+        the served one if loaded, else the newest checkpoint on disk that will load, as far as a
+        cheap look tells (a complete zip with the pickle inside, and no failed load before): a
+        truncated newest file is not named while the preload is still on its way to skip it."""
         with self._lock:
             served = self._served.get(project)
         if served is not None:
             return served.name
-        versions = self.versions(project)
-        return ServedModel(None, versions[-1] if versions else 0, (), {}).name
+        version = next((v for v in reversed(self.versions(project)) if self._looks_loadable(project, v)), 0)
+        return ServedModel(None, version, (), {}).name
+
+    def _looks_loadable(self, project: str, version: int) -> bool:
+        path = self.project_dir(project) / f"model-v{version}.pt"
+        if path in self._unreadable:
+            return False
+        try:  # torch.save writes a zip; its directory is at the end, so a truncated file has none
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+        except (OSError, zipfile.BadZipFile, ValueError):
+            return False
 
     def stored_projects(self) -> list[str]:
-        if not self.model_dir.is_dir():
-            return []
-        return sorted(p.name for p in self.model_dir.iterdir() if p.is_dir() and self.versions(p.name))
+        return sorted(p.name for p in self._project_folders() if self.versions(p.name))
 
     def _load_latest(self, project: str) -> ServedModel:
         for version in reversed(self.versions(project)):
@@ -114,6 +164,7 @@ class ModelStore:
                 model, meta = load_checkpoint(path, map_location=self.device)
             except (ValueError, OSError) as error:
                 log.error("project %s: skipping unreadable checkpoint %s: %s", project, path, error)
+                self._unreadable.add(path)
                 continue
             projector = self._load_projector(project, path.with_suffix(".umap"), meta["memory_bank"])
             log.info("project %s: serving %s", project, path)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
@@ -46,3 +49,25 @@ def _fsync_directory(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def remove_interrupted_writes(folder: Path) -> int:
+    """Delete the temporary files (``.<name>.<hex>.tmp``, as `atomic_write` names them) that an
+    interrupted write (a kill, a full disk) left in `folder`; returns how many.
+
+    For start-up, while nothing writes to `folder`: the owner of the folder calls it.
+    """
+    removed = 0
+    try:
+        leftovers = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    except OSError:
+        return 0
+    for path in leftovers:
+        try:
+            path.unlink()
+            removed += 1
+        except OSError as error:
+            log.warning("could not remove the leftover temporary file %s: %s", path, error)
+    if removed:
+        log.info("removed %d temporary file(s) left by interrupted writes in %s", removed, folder)
+    return removed

@@ -20,6 +20,11 @@ import numpy as np
 import torch
 
 REFERENCE_AREA = 480 * 360  # the `num_superpixels` setting is meant for an image of this size
+# OpenCV's SEEDS crashes (segfault, division by zero) or loops forever when its block grid
+# does not fit the image: thin strips, tiny images. Images are stretched to at least this
+# side, and at most this aspect ratio, before SEEDS; the labels are mapped back.
+SEEDS_MIN_SIDE = 64
+SEEDS_MAX_ASPECT = 8
 
 
 def seeds_superpixels(
@@ -38,18 +43,87 @@ def seeds_superpixels(
     requested (about 3/4), so it is asked for 4/3 of the target. It runs in Lab space, where
     color distances follow perception.
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
         raise ValueError(f"Expected an RGB uint8 image [H, W, 3], got {image.shape} {image.dtype}.")
     height, width = image.shape[:2]
     target = max(4, round(num_superpixels * height * width / REFERENCE_AREA))
     requested = max(4, round(target * 4 / 3))
-    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
-    seeds = cv2.ximgproc.createSuperpixelSEEDS(width, height, 3, requested, num_levels, prior, histogram_bins, False)
+    run_height, run_width = seeds_size(height, width)
+    # nearest-neighbour stretch: every pixel of the stretched image is a copy of an original one
+    work = image if (run_height, run_width) == (height, width) else cv2.resize(
+        image, (run_width, run_height), interpolation=cv2.INTER_NEAREST
+    )
+    parameters = _seeds_parameters(run_width, run_height, requested, num_levels)
+    if parameters is None:
+        return _grid_segments(height, width, target)
+    requested, levels = parameters
+    lab = cv2.cvtColor(work, cv2.COLOR_RGB2LAB)
+    seeds = cv2.ximgproc.createSuperpixelSEEDS(run_width, run_height, 3, requested, levels, prior, histogram_bins, False)
     seeds.iterate(lab, iterations)
     labels = seeds.getLabels().astype(np.int32)
-    # SEEDS labels are not always consecutive; make them 0..K-1 so bincount sizes are exact
+    if (run_height, run_width) != (height, width):
+        labels = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+    # SEEDS labels are not always consecutive (and the shrink drops some); make them 0..K-1
     _, compact = np.unique(labels, return_inverse=True)
     return compact.reshape(height, width).astype(np.int32)
+
+
+def seeds_size(height: int, width: int) -> tuple[int, int]:
+    """The (height, width) SEEDS runs at: each side at least SEEDS_MIN_SIDE and the aspect
+    ratio at most SEEDS_MAX_ASPECT, by stretching the short side (never shrinking)."""
+    run_height, run_width = max(height, SEEDS_MIN_SIDE), max(width, SEEDS_MIN_SIDE)
+    if run_width > SEEDS_MAX_ASPECT * run_height:
+        run_height = -(-run_width // SEEDS_MAX_ASPECT)
+    elif run_height > SEEDS_MAX_ASPECT * run_width:
+        run_width = -(-run_height // SEEDS_MAX_ASPECT)
+    return run_height, run_width
+
+
+def _seeds_parameters(width: int, height: int, requested: int, num_levels: int) -> tuple[int, int] | None:
+    """(superpixels, levels) closest to the asked ones whose SEEDS grid fits, or None: fewer
+    levels first, then more (smaller) superpixels, never seeds under 4x4 pixels."""
+    most = width * height // 16
+    requested = min(requested, most)
+    while requested >= 1:
+        for levels in range(num_levels, 1, -1):
+            if _seeds_grid_fits(width, height, requested, levels):
+                return requested, levels
+        if requested >= most:
+            return None
+        requested = min(most, requested * 2)
+    return None
+
+
+def _seeds_grid_fits(width: int, height: int, num_superpixels: int, num_levels: int) -> bool:
+    """Whether OpenCV's SEEDS block grid fits: its ``initialize`` (seeds.cpp) replayed.
+
+    It needs at least one seed row and column, a level count >= 2 with seeds of >= 1 pixel,
+    and, after halving the grid once per level, at least 2x2 blocks on the top level.
+    """
+    num_superpixels = max(num_superpixels, 10)
+    num_levels = max(num_levels, 2)
+    rows = int(np.sqrt(num_superpixels * height / width))
+    columns = rows * width // height
+    if rows < 1 or columns < 1:
+        return False
+    levels = num_levels
+    while levels >= 2 and (width / columns / (1 << (levels - 1)) < 1 or height / rows / (1 << (levels - 1)) < 1):
+        levels -= 1
+    if levels < 2:
+        return False
+    seed_width = int(np.ceil(width / columns / (1 << (levels - 1))))
+    seed_height = int(np.ceil(height / rows / (1 << (levels - 1))))
+    top_columns, top_rows = (width // seed_width) >> (levels - 1), (height // seed_height) >> (levels - 1)
+    return top_columns >= 2 and top_rows >= 2
+
+
+def _grid_segments(height: int, width: int, count: int) -> np.ndarray:
+    """A regular grid of about `count` blocks: the fallback where SEEDS cannot run."""
+    rows = max(1, min(height, round(np.sqrt(count * height / width))))
+    columns = max(1, min(width, round(count / rows)))
+    row_ids = np.arange(height) * rows // height
+    column_ids = np.arange(width) * columns // width
+    return (row_ids[:, None] * columns + column_ids[None, :]).astype(np.int32)
 
 
 def to_uint8_rgb(image: torch.Tensor) -> np.ndarray:
