@@ -306,6 +306,8 @@ class _Job:
         self.to_delete: list[int] = []
         self.switched = False
         self.scoring_started: float | None = None
+        self.uploader: ThreadPoolExecutor | None = None  # one thread: pushes and deletes, in order
+        self.upload: Future | None = None  # the batch on its way
 
     def _check_cancel(self) -> None:
         if self.entry.cancel.is_set():
@@ -327,7 +329,10 @@ class _Job:
         version = self.served.name
         in_flight: deque[tuple[dict, list[int], Future]] = deque()
         considered = 0
-        with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix=f"pool-{self.project}-fetch") as prefetch:
+        with (
+            ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix=f"pool-{self.project}-fetch") as prefetch,
+            ThreadPoolExecutor(1, thread_name_prefix=f"pool-{self.project}-upload") as self.uploader,
+        ):
             try:
                 tasks = self._tasks()
                 exhausted = False
@@ -367,6 +372,7 @@ class _Job:
                     if len(self.batch) >= PUSH_BATCH:
                         self._flush()
                 self._flush()
+                self._wait_upload()
                 if not self.switched and self.state.already_current and self.api.model_version() != version:
                     self.api.set_model_version(version)
             finally:
@@ -390,23 +396,35 @@ class _Job:
             self._progress()
 
     def _flush(self) -> None:
-        if self.batch:
-            self.api.push_predictions(self.batch)  # new ones first: a task never has none
-            pushed, self.batch = len(self.batch), []
+        """Hand the batch to the uploader thread, so the next batch is computed while this one
+        travels; at most one batch waits (its error, if any, is raised here)."""
+        self._wait_upload()
+        batch, to_delete = self.batch, self.to_delete
+        self.batch, self.to_delete = [], []
+        if batch or to_delete:
+            self.upload = self.uploader.submit(self._upload, batch, to_delete)
+
+    def _wait_upload(self) -> None:
+        if self.upload is not None:
+            upload, self.upload = self.upload, None
+            upload.result()
+
+    def _upload(self, batch: list[dict], to_delete: list[int]) -> None:
+        if batch:
+            self.api.push_predictions(batch)  # new ones first: a task never has none
             if not self.switched:
                 self.api.set_model_version(self.served.name)
                 self.switched = True
             with self.scorer._lock:
-                self.state.done += pushed
+                self.state.done += len(batch)
                 self._progress()
         deleted = 0
-        for prediction_id in self.to_delete:
+        for prediction_id in to_delete:
             try:
                 self.api.delete_prediction(prediction_id)
                 deleted += 1
             except Exception as error:  # noqa: BLE001 - e.g. deleted meanwhile by a person
                 log.info("project %s: prediction %s not deleted: %s", self.project, prediction_id, _describe(error))
-        self.to_delete = []
         with self.scorer._lock:
             self.state.superseded += deleted
 

@@ -35,6 +35,7 @@ from backend.label_config import parse_label_config  # noqa: E402
 from backend.service import ActiveLearningBackend  # noqa: E402
 from model.network import ModelConfig, build_model  # noqa: E402
 
+SETTLE_SECONDS = 5
 KEYPOINTS_ONLY = (
     '<View><Image name="image" value="$image"/><KeyPointLabels name="point" toName="image">{labels}'
     "</KeyPointLabels></View>"
@@ -53,7 +54,8 @@ def peak_memory_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
 
 
-def plain_forward_seconds(model, repeats: int = 7) -> float:
+def plain_forward_times(model, repeats: int = 9) -> list[float]:
+    """Seconds of single plain forwards (eval, no dropout sampling) of one 480x360 image."""
     image = torch.rand(1, 3, 368, 480)  # 480x360 padded to DeepLabV3+'s multiple of 16
     model.eval()
     times = []
@@ -63,7 +65,7 @@ def plain_forward_seconds(model, repeats: int = 7) -> float:
             start = time.perf_counter()
             model(image)
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def make_project(ls, client, config: str, images: list[Path], title: str) -> int:
@@ -115,14 +117,23 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES)))
         for project in (warm, small, large):
             backend.store.publish(str(project), model, tuple(CAMVID_CLASSES), extra={})
-        forward_before = plain_forward_seconds(model)
         score(backend, warm, config)  # threads, allocator and caches warm
-        runs = [(args.small, *score(backend, small, config)), (args.tasks, *score(backend, large, config))]
-        forward = statistics.median([forward_before, plain_forward_seconds(model)])
+        runs, forwards = [], []
+        for tasks, project in ((args.small, small), (args.tasks, large)):
+            # the machine is shared: forwards are timed before and after each job, once Label
+            # Studio has settled (it updates its counters after an import), and pooled
+            time.sleep(SETTLE_SECONDS)
+            forwards += plain_forward_times(model)
+            runs.append((tasks, *score(backend, project, config)))
+            time.sleep(SETTLE_SECONDS)
+            forwards += plain_forward_times(model)
+        forward = statistics.median(forwards)
     kind = "keypoints + brush regions" if args.regions else "keypoints only"
     print(f"pool scoring through Label Studio 1.23.2, {kind}, "
           f"{settings.mc_samples} MC samples, torch threads {torch.get_num_threads()}")
-    print(f"plain forward, one 480x360 image: {forward * 1000:.0f} ms (median)")
+    quartiles = statistics.quantiles(forwards, n=4)
+    print(f"plain forward, one 480x360 image: median {forward * 1000:.0f} ms over {len(forwards)} "
+          f"(quartiles {quartiles[0] * 1000:.0f}-{quartiles[2] * 1000:.0f} ms)")
     print(f"{'tasks':>6} {'seconds':>8} {'tasks/s':>8} {'s/task':>7} {'x forward':>9} {'peak RSS MiB':>12}")
     for tasks, state, seconds, peak in runs:
         per_task = seconds / max(state["done"], 1)

@@ -74,7 +74,7 @@ def test_pool_job_scores_resumes_supersedes_and_keeps_other_models(label_studio,
     state = connect(backend, project_id)
     assert state["status"] == "done" and state["version"] == "segal-v0-untrained", state
     assert state["total"] == 4 and state["done"] == 3 and state["skipped"] == 1
-    assert f"task {broken}" in state["skipped_reasons"][0] and "404" in state["skipped_reasons"][0]
+    assert f"task {broken}" in state["skipped_reasons"][0] and "missing.png" in state["skipped_reasons"][0]
     assert client.projects.get(id=project_id).model_version == "segal-v0-untrained"
     assert own_predictions(client, task_ids[0]) == []
     versions = [v for _, v in own_predictions(client, task_ids[1])]
