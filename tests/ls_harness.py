@@ -238,6 +238,7 @@ class LabelStudioServer:
         self.password = password or secrets.token_urlsafe(12)
         self.token = token or secrets.token_hex(20)  # any string over 5 chars becomes the token
         self.process: BackgroundProcess | None = None
+        self._clients: list = []  # sdk clients handed out; their connections are closed by stop()
 
     @property
     def executable(self) -> Path:
@@ -312,6 +313,7 @@ class LabelStudioServer:
         return self
 
     def stop(self) -> None:
+        self.close_clients()
         if self.process is not None:
             self.process.stop()
         if self._own_data_dir and self.data_dir is not None:
@@ -319,10 +321,21 @@ class LabelStudioServer:
             self.data_dir = None
 
     def client(self):
-        """A label-studio-sdk 2.x client authenticated with the legacy API token."""
+        """A label-studio-sdk 2.x client authenticated with the legacy API token.
+
+        The server keeps a reference and closes its connections in ``stop()`` (or
+        ``close_clients()``): a client left to the garbage collector warns "unclosed socket"
+        in whatever test happens to run then.
+        """
         from label_studio_sdk import LabelStudio
 
-        return LabelStudio(base_url=self.url, api_key=self.token)
+        client = LabelStudio(base_url=self.url, api_key=self.token)
+        self._clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        while self._clients:
+            self._clients.pop()._client_wrapper.httpx_client.httpx_client.close()
 
     def labeling_url(self, project_id: int, task_id: int) -> str:
         """The Data Manager with one task open in the labeling UI."""
@@ -456,9 +469,14 @@ def screenshot(
         options.add_argument(flag)
     # Chromium writes crash-report settings and a dconf cache under $HOME unless told otherwise.
     env = dict(os.environ, XDG_CONFIG_HOME=f"{profile}/xdg-config", XDG_CACHE_HOME=f"{profile}/xdg-cache")
-    log = path.with_suffix(".chromedriver.log")
-    service = Service(executable_path=CHROMEDRIVER, log_output=str(log), env=env)
-    driver = webdriver.Chrome(service=service, options=options)
+    log = open(path.with_suffix(".chromedriver.log"), "a", encoding="utf-8")  # ours to close, not selenium's
+    try:
+        service = Service(executable_path=CHROMEDRIVER, log_output=log, env=env)
+        driver = webdriver.Chrome(service=service, options=options)
+    except BaseException:
+        log.close()
+        shutil.rmtree(profile, ignore_errors=True)
+        raise
     try:
         # --window-size sizes the window, and headless keeps room for browser chrome in it:
         # grow the window by the difference so that the page itself gets ``window_size``.
@@ -501,6 +519,7 @@ def screenshot(
             raise RuntimeError(f"chromium could not save a screenshot of {url} to {path}")
     finally:
         driver.quit()
+        log.close()
         shutil.rmtree(profile, ignore_errors=True)
     return path
 

@@ -633,3 +633,42 @@ def test_openapi_document_describes_the_protocol(tmp_path):
     for path in ("/setup", "/predict", "/webhook"):
         schema = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert schema["type"] == "object" and schema["required"]
+
+
+def test_what_held_stays_held_xml_entities_are_refused(tmp_path):
+    """External entities (XXE) and entity bombs in a labeling config: a quick 400, nothing read."""
+    client = client_for(tmp_path)
+    head = '<View><Image name="image" value="$image"/><BrushLabels name="b" toName="image"><Label value="&{};"/>'
+    tail = '<Label value="b"/></BrushLabels></View>'
+    xxe = '<!DOCTYPE View [<!ENTITY xxe SYSTEM "file:///etc/hostname">]>' + head.format("xxe") + tail
+    entities = '<!ENTITY l0 "lol">' + "".join(f'<!ENTITY l{i} "{f"&l{i - 1};" * 10}">' for i in range(1, 10))
+    bomb = f"<!DOCTYPE View [{entities}]>" + head.format("l9") + tail
+    for config in (xxe, bomb):
+        started = time.monotonic()
+        response = client.post("/setup", json={"project": "1.1", "schema": config})
+        assert response.status_code == 400 and time.monotonic() - started < 2
+        assert Path("/etc/hostname").read_text().strip() not in response.json["error"]
+
+
+def test_harness_closes_the_sdk_clients_it_hands_out():
+    """The flaky "unclosed socket" came from sdk clients left to the garbage collector."""
+    import warnings
+
+    from ls_harness import LabelStudioServer
+
+    with RecordingServer() as studio:
+        server = LabelStudioServer(port=studio.port)
+        client = server.client()
+        with pytest.raises(Exception):
+            client.projects.get(id=1)  # a real request: the connection stays pooled
+        http = client._client_wrapper.httpx_client.httpx_client
+        assert not http.is_closed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            server.stop()  # no process and no data dir of its own: just the clients
+            del client
+            import gc
+
+            gc.collect()
+        assert http.is_closed
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
