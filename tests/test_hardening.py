@@ -277,6 +277,17 @@ def test_env_url_keeps_the_env_key_and_ignores_other_hostnames(tmp_path):
         assert response.status_code == 422 and other.requests == []
 
 
+def test_a_personal_access_token_is_exchanged_at_the_env_url_only(tmp_path):
+    refresh_token = "header.payload.signature"  # a JWT: exchanged for a short-lived access token
+    files = {"/api/token/refresh/": b'{"access": "short-lived"}', "/data/upload/1/a.png": png_bytes(24, 24)}
+    with RecordingServer(files) as studio:
+        settings = make_settings(tmp_path, LABEL_STUDIO_URL=studio.url + "/", LABEL_STUDIO_API_KEY=refresh_token)
+        client = create_app(settings).test_client()
+        assert client.post("/predict", json=predict_body("/data/upload/1/a.png")).status_code == 200
+        assert studio.paths() == ["/api/token/refresh/", "/data/upload/1/a.png"]
+        assert studio.authorizations() == [None, "Bearer short-lived"]
+
+
 def test_a_learned_url_is_not_replaced_by_a_later_setup(tmp_path):
     with RecordingServer() as first, RecordingServer() as second:
         settings = make_settings(tmp_path)
