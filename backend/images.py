@@ -22,6 +22,7 @@ effort: when it cannot be written the prediction still uses the downloaded bytes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import io
@@ -84,9 +85,7 @@ def http_request(
     if remaining <= 0:
         raise ImageFetchError(f"No time left to download {shorten(target.url)}.")
     if target.scheme == "https":
-        connection = http.client.HTTPSConnection(
-            target.host, target.port, timeout=remaining, context=ssl.create_default_context()
-        )
+        connection = http.client.HTTPSConnection(target.host, target.port, timeout=remaining, context=_tls_context())
     else:
         connection = http.client.HTTPConnection(target.host, target.port, timeout=remaining)
     expired = threading.Event()
@@ -133,10 +132,15 @@ def http_request(
                 f"{shorten(target.url)} did not answer in full within the download time limit "
                 "(SEGAL_DOWNLOAD_TIMEOUT)."
             ) from None
-        raise ImageFetchError(f"Could not reach {shorten(target.url)}: {type(error).__name__}: {shorten(str(error))}") from None
+        raise ImageFetchError(f"Could not reach {shorten(target.url)}: {type(error).__name__}: {str(error)[:200]}") from None
     finally:
         watchdog.cancel()
         connection.close()
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()  # certificates and host names verified; one context, reused
 
 
 def _too_large(target: Target, max_bytes: int) -> str:
@@ -272,7 +276,7 @@ class ImageFetcher:
             headers = self.auth_headers() if self._is_label_studio(target) else {}
             answer = http_request(
                 target, deadline=time.monotonic() + timeout, max_bytes=self.settings.max_image_bytes,
-                headers={"Accept": "image/*", **headers},
+                headers={"Accept": "image/*,*/*;q=0.8", **headers},  # Label Studio answers 406 to image/* alone
             )  # fmt: skip
         finally:
             self._downloads.release()

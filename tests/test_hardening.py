@@ -683,3 +683,25 @@ def test_harness_closes_the_sdk_clients_it_hands_out():
             gc.collect()
         assert http.is_closed
         assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_https_downloads_verify_the_certificate(tmp_path):
+    """A TLS server with a self-signed certificate (openssl): refused, not silently trusted."""
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    with RecordingServer({"/a.png": png_bytes(16, 16)}) as server:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server._server.socket = context.wrap_socket(server._server.socket, server_side=True)
+        fetcher = ImageFetcher(make_settings(tmp_path, SEGAL_DOWNLOAD_TIMEOUT=5))
+        with pytest.raises(ImageFetchError, match="CERTIFICATE_VERIFY_FAILED"):
+            fetcher.fetch_bytes(f"https://127.0.0.1:{server.port}/a.png")
