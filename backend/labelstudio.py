@@ -99,28 +99,31 @@ class LabelStudioProject:
     def delete_prediction(self, prediction_id: int) -> None:
         self.client.predictions.delete(id=prediction_id)
 
+    def label_config(self) -> str:
+        return self.client.projects.get(id=int(self.project)).label_config
+
     def model_version(self) -> str | None:
         return self.client.projects.get(id=int(self.project)).model_version
 
     def set_model_version(self, version: str) -> None:
         self.client.projects.update(id=int(self.project), model_version=version)
 
-    def authorize_webhooks(self, user: str, password: str) -> int:
-        """Add basic-auth credentials to the webhooks Label Studio made for this project's ML
-        backends (``<backend url>/webhook``); returns how many it changed."""
+    def authorize_webhooks(self, user: str, password: str) -> tuple[int, int]:
+        """Give the webhooks Label Studio made for this project's ML backends (``<backend
+        url>/webhook``) a basic-auth header; returns (how many carry it now, how many changed)."""
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         header = f"Basic {token}"
         backend_hooks = {
             str(ml.url).rstrip("/") + "/webhook" for ml in self.client.ml.list(project=int(self.project)) if ml.url
         }
-        changed = 0
+        authorized = changed = 0
         for hook in self.client.webhooks.list(project=str(self.project)):
             if hook.url not in backend_hooks:
                 continue
-            headers = dict(hook.headers or {}) if isinstance(hook.headers, dict) else {}
-            if headers.get("Authorization") == header:
-                continue
-            headers["Authorization"] = header
-            self.client.webhooks.update(id=hook.id, headers=headers)
-            changed += 1
-        return changed
+            headers = dict(hook.headers) if isinstance(hook.headers, dict) else {}
+            if headers.get("Authorization") != header:
+                headers["Authorization"] = header
+                self.client.webhooks.update(id=hook.id, headers=headers)
+                changed += 1
+            authorized += 1
+        return authorized, changed

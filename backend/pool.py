@@ -42,7 +42,7 @@ from model.data import IGNORE_INDEX
 
 from .config import Settings
 from .images import ImageFetchError
-from .label_config import LabelSchema
+from .label_config import LabelSchema, parse_label_config
 from .labelstudio import LabelStudioProject
 from .predictor import Predictor, TaskError, WorkingImage
 from .store import ModelStore, ServedModel
@@ -56,6 +56,7 @@ CALIBRATION_TASKS = 32  # pool tasks a new version's score scale is fitted on
 MIN_CALIBRATION_TASKS = 8  # fewer usable pool tasks: the training images fill in
 RECENT_SKIPS = 20  # skip reasons kept for /health
 RETRY_AFTER_SECONDS = 60  # a failed connect or job is retried on a /setup after this long
+WEBHOOK_RETRY_SECONDS = 5  # until the webhook is found, /setup tries again after this long
 
 
 @dataclass
@@ -76,7 +77,7 @@ class PoolState:
     finished_at: float | None = None
     error: str | None = None
     jobs: int = 0
-    webhooks_authorized: int = 0  # Label Studio webhooks given the basic-auth header
+    webhooks_authorized: int = 0  # Label Studio webhooks of this backend that carry its basic auth
 
     def snapshot(self) -> dict:
         data = asdict(self)
@@ -90,7 +91,9 @@ class _Project:
     thread: threading.Thread | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     restart: bool = False
-    connected_at: float | None = None  # the first /setup handled (webhooks, first job)
+    connected_at: float | None = None  # the first /setup handled (first job)
+    webhook_authorized: bool = False  # Label Studio's webhook for this backend carries its basic auth
+    webhook_tried_at: float | None = None
     training: bool = False  # a training run is going: it starts the next job when it ends
 
 
@@ -124,23 +127,40 @@ class PoolScorer:
     # -- triggers -------------------------------------------------------------------------
 
     def connected(self, project: str) -> None:
-        """A /setup of `project`: the first one (or one long after a failure) authorizes
-        Label Studio's webhook and starts (or resumes) scoring the pool. Returns at once."""
+        """A /setup of `project`. The first one starts (or resumes) scoring the pool, as does one
+        long after a failed job; with basic auth on, every /setup until Label Studio's webhook
+        for this backend carries the credentials tries to give them to it (Label Studio may
+        call /setup before it has created the webhook). Returns at once."""
         with self._lock:
             entry = self._project(project)
+            now = time.time()
             failed = entry.state.status in ("failed", "off") and entry.state.finished_at is not None
-            retry = failed and time.time() - entry.state.finished_at > RETRY_AFTER_SECONDS
-            if entry.connected_at is not None and not retry:
+            start_job = entry.connected_at is None or (
+                failed and now - entry.state.finished_at > RETRY_AFTER_SECONDS
+            )
+            authorize = (
+                self.settings.basic_auth is not None
+                and not entry.webhook_authorized
+                and now - (entry.webhook_tried_at or 0.0) > WEBHOOK_RETRY_SECONDS
+            )
+            if not (start_job or authorize):
                 return
-            entry.connected_at = time.time()
-        threading.Thread(target=self._connect, args=(project,), name=f"connect-{project}", daemon=True).start()
+            if start_job:
+                entry.connected_at = now
+            if authorize:
+                entry.webhook_tried_at = now
+        threading.Thread(
+            target=self._connect, args=(project, authorize, start_job), name=f"connect-{project}", daemon=True
+        ).start()
 
-    def _connect(self, project: str) -> None:
-        if self.settings.basic_auth is not None:
+    def _connect(self, project: str, authorize: bool, start_job: bool) -> None:
+        if authorize:
             try:
-                changed = self._api(project).authorize_webhooks(*self.settings.basic_auth)
+                authorized, changed = self._api(project).authorize_webhooks(*self.settings.basic_auth)
                 with self._lock:
-                    self._project(project).state.webhooks_authorized += changed
+                    entry = self._project(project)
+                    entry.webhook_authorized = authorized > 0
+                    entry.state.webhooks_authorized = authorized
                 if changed:
                     log.info("project %s: gave %d Label Studio webhook(s) the backend's basic auth", project, changed)
             except Exception as error:  # noqa: BLE001 - webhooks are best effort; scoring goes on
@@ -148,7 +168,8 @@ class PoolScorer:
                     "project %s: could not give Label Studio's webhook the basic-auth header (%s); annotation "
                     "events will be refused until it has it", project, _describe(error),
                 )
-        self.start(project, "project connected")
+        if start_job:
+            self.start(project, "project connected")
 
     def training_started(self, project: str) -> None:
         with self._lock:
@@ -181,6 +202,17 @@ class PoolScorer:
             entry.thread = threading.Thread(target=self._loop, args=(project,), name=f"pool-{project}", daemon=True)
             entry.thread.start()
 
+    def run(self, project: str, reason: str) -> dict:
+        """One job in the calling thread (benchmarks, scripts); returns its final state."""
+        with self._lock:
+            entry = self._project(project)
+            if entry.thread is not None and entry.thread.is_alive():
+                raise RuntimeError(f"project {project}: a pool job is running already")
+            entry.cancel.clear()
+            entry.state.status, entry.state.reason = "running", reason
+        self._run_job(project, entry)
+        return self.states()[project]
+
     def cancel(self, project: str, reason: str) -> None:
         with self._lock:
             entry = self._project(project)
@@ -210,19 +242,22 @@ class PoolScorer:
     def _loop(self, project: str) -> None:
         while True:
             entry = self._projects[project]
-            try:
-                self._job(project, entry)
-            except Cancelled:
-                self._finish(entry, "cancelled")
-            except Exception as error:  # noqa: BLE001 - a failed job must never take the server down
-                log.warning("project %s: pool scoring failed: %s", project, _describe(error))
-                self._finish(entry, "failed", _describe(error))
+            self._run_job(project, entry)
             with self._lock:
                 if not entry.restart:
                     return
                 entry.restart = False
                 entry.cancel.clear()
                 entry.state.status = "running"
+
+    def _run_job(self, project: str, entry: _Project) -> None:
+        try:
+            self._job(project, entry)
+        except Cancelled:
+            self._finish(entry, "cancelled")
+        except Exception as error:  # noqa: BLE001 - a failed job must never take the server down
+            log.warning("project %s: pool scoring failed: %s", project, _describe(error))
+            self._finish(entry, "failed", _describe(error))
 
     def _finish(self, entry: _Project, status: str, error: str | None = None) -> None:
         with self._lock:
@@ -233,9 +268,16 @@ class PoolScorer:
     def _job(self, project: str, entry: _Project) -> None:
         state = entry.state
         served = self.store.current(project)
+        try:
+            api = self._api(project)
+            api.client  # noqa: B018 - fails here when no Label Studio API is configured
+        except RuntimeError as error:  # no Label Studio API configured: nothing to push to
+            with self._lock:
+                state.status, state.error, state.finished_at = "off", str(error), time.time()
+            return
         schema = self.schemas.get(project)
-        if schema is None:
-            raise RuntimeError("no labeling config for this project yet (Label Studio sends it in /setup)")
+        if schema is None:  # a restarted backend resuming before Label Studio's first /setup
+            schema = self.schemas[project] = parse_label_config(api.label_config())
         if served.model is not None and served.classes != schema.classes:
             served = ServedModel(None, served.version, served.classes, {})  # as /predict does
         with self._lock:
@@ -245,13 +287,6 @@ class PoolScorer:
             state.tasks_per_second = state.eta_seconds = None
             state.started_at, state.finished_at = time.time(), None
             state.jobs += 1
-        try:
-            api = self._api(project)
-            api.client  # noqa: B018 - fails here when no Label Studio API is configured
-        except RuntimeError as error:  # no Label Studio API configured: nothing to push to
-            with self._lock:
-                state.status, state.error, state.finished_at = "off", str(error), time.time()
-            return
         log.info("project %s: scoring the pool with %s (%s)", project, served.name, state.reason)
         job = _Job(self, project, entry, api, served, schema)
         job.run()

@@ -106,6 +106,9 @@ class ActiveLearningBackend:
                 self.store.current(project)  # loads and warms up the region projector too
             except Exception:  # noqa: BLE001 - a bad project dir must not stop the others
                 log.exception("project %s: could not load its models", project)
+                continue
+            if self.settings.label_studio_url and self.settings.label_studio_api_key:
+                self.pool.connected(project)  # resume scoring the pool without waiting for a /setup
 
     # -- Label Studio API -----------------------------------------------------------------
 
