@@ -80,10 +80,10 @@ def score(backend: ActiveLearningBackend, project: int, config: str) -> tuple[di
     backend.schemas[pid] = parse_label_config(config)
     reset_peak_memory()
     start = time.perf_counter()
-    backend.pool.start(pid, "benchmark")
-    backend.pool.wait(pid)
+    # in this thread, like the forwards it is compared with: torch gives every calling thread
+    # its own OpenMP team, and an idle team's spinning would slow the other one down
+    state = backend.pool.run(pid, "benchmark")
     seconds = time.perf_counter() - start
-    state = backend.pool.states()[pid]
     if state["status"] != "done":
         raise RuntimeError(f"pool job of project {pid} ended {state['status']}: {state['error']}")
     return state, seconds, peak_memory_mib()
