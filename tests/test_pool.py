@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 import time
 
+import cv2
+import numpy as np
 import pytest
 
 from backend.config import Settings
@@ -69,11 +71,16 @@ def test_pool_job_scores_resumes_supersedes_and_keeps_other_models(label_studio,
     client.annotations.create(id=task_ids[0], result=[], was_cancelled=False)
     client.predictions.create(task=task_ids[1], result=[], score=0.5, model_version="someone-else-v3")
     broken = client.tasks.create(project=project_id, data={"image": "/data/upload/999/missing.png"}).id
+    # a thin image (SEEDS once crashed on these) is scored like any other
+    thin_path = tmp_path / "thin.png"
+    cv2.imwrite(str(thin_path), np.random.default_rng(0).integers(0, 255, (40, 2000, 3), dtype=np.uint8))
+    thin = import_images(label_studio, project_id, [thin_path])[0]
 
     backend = backend_for(label_studio, tmp_path / "models")
     state = connect(backend, project_id)
     assert state["status"] == "done" and state["version"] == "segal-v0-untrained", state
-    assert state["total"] == 4 and state["done"] == 3 and state["skipped"] == 1
+    assert state["total"] == 5 and state["done"] == 4 and state["skipped"] == 1
+    assert [v for _, v in own_predictions(client, thin)] == ["segal-v0-untrained"]
     assert f"task {broken}" in state["skipped_reasons"][0] and "missing.png" in state["skipped_reasons"][0]
     assert client.projects.get(id=project_id).model_version == "segal-v0-untrained"
     assert own_predictions(client, task_ids[0]) == []
@@ -84,7 +91,7 @@ def test_pool_job_scores_resumes_supersedes_and_keeps_other_models(label_studio,
     # a restart of the backend resumes: nothing is pushed twice
     restarted = backend_for(label_studio, tmp_path / "models")
     state = connect(restarted, project_id)
-    assert state["done"] == 0 and state["already_current"] == 3 and state["skipped"] == 1, state
+    assert state["done"] == 0 and state["already_current"] == 4 and state["skipped"] == 1, state
     assert {t: own_predictions(client, t) for t in task_ids[1:]} == first_ids
 
     # a duplicate of the current version (e.g. from Retrieve Predictions) is removed, the newest kept
@@ -99,9 +106,9 @@ def test_pool_job_scores_resumes_supersedes_and_keeps_other_models(label_studio,
     restarted.pool.start(str(project_id), "new version")
     restarted.pool.wait(str(project_id))
     state = restarted.pool.states()[str(project_id)]
-    assert state["status"] == "done" and state["version"] == "segal-v1" and state["done"] == 3, state
-    assert state["superseded"] == 3
-    for task_id in task_ids[1:]:
+    assert state["status"] == "done" and state["version"] == "segal-v1" and state["done"] == 4, state
+    assert state["superseded"] == 4
+    for task_id in task_ids[1:] + [thin]:
         versions = [v for _, v in own_predictions(client, task_id)]
         assert versions.count("segal-v1") == 1 and "segal-v0-untrained" not in versions
     assert "someone-else-v3" in [v for _, v in own_predictions(client, task_ids[1])]
