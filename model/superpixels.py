@@ -41,7 +41,9 @@ def seeds_superpixels(
     `num_superpixels` is scaled with the image area relative to 480x360, so a setting keeps
     the same superpixel size on larger or smaller images. SEEDS returns fewer superpixels than
     requested (about 3/4), so it is asked for 4/3 of the target. It runs in Lab space, where
-    color distances follow perception.
+    color distances follow perception. Any size works: a thin or tiny image is stretched
+    (`seeds_size`) for SEEDS and its labels shrunk back; where no SEEDS grid fits even then,
+    the segments are a regular grid.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
         raise ValueError(f"Expected an RGB uint8 image [H, W, 3], got {image.shape} {image.dtype}.")
