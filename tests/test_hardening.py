@@ -705,3 +705,12 @@ def test_https_downloads_verify_the_certificate(tmp_path):
         fetcher = ImageFetcher(make_settings(tmp_path, SEGAL_DOWNLOAD_TIMEOUT=5))
         with pytest.raises(ImageFetchError, match="CERTIFICATE_VERIFY_FAILED"):
             fetcher.fetch_bytes(f"https://127.0.0.1:{server.port}/a.png")
+
+
+def test_a_huge_image_within_the_limits_is_predicted(tmp_path):
+    """7000 x 5000 (35 MP, under the 40 MP default): decoded, downscaled, proposed on."""
+    with RecordingServer({"/huge.png": png_bomb(7000, 5000)}) as images:
+        response = client_for(tmp_path).post("/predict", json=predict_body(f"{images.url}/huge.png"))
+        assert response.status_code == 200
+        regions = response.json["results"][0]["result"]
+        assert regions and all((r["original_width"], r["original_height"]) == (7000, 5000) for r in regions)
