@@ -294,7 +294,11 @@ class ImageFetcher:
 
     def fetch(self, url) -> torch.Tensor:
         """The image as RGB float ``[3, H, W]`` in [0, 1]."""
-        return decode_image(self.fetch_bytes(url), url, self.settings.max_image_pixels)
+        return rgb_to_tensor(self.fetch_rgb(url))
+
+    def fetch_rgb(self, url) -> np.ndarray:
+        """The image as RGB uint8 ``[H, W, 3]`` (no torch: safe in prefetch threads)."""
+        return decode_rgb(self.fetch_bytes(url), url, self.settings.max_image_pixels)
 
 
 def _json_field(body: bytes, name: str):
@@ -323,8 +327,19 @@ def image_size(data: bytes, name="image") -> tuple[int, int]:
 
 
 def decode_image(data: bytes, name="image", max_pixels: int = 40_000_000) -> torch.Tensor:
-    """RGB float ``[3, H, W]`` in [0, 1] from PNG/JPEG/... bytes: 16-bit, grayscale, palette and
-    RGBA images become 8-bit RGB (alpha dropped). Refuses more than `max_pixels` before decoding."""
+    """RGB float ``[3, H, W]`` in [0, 1] from PNG/JPEG/... bytes (see ``decode_rgb``)."""
+    return rgb_to_tensor(decode_rgb(data, name, max_pixels))
+
+
+def rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 -> RGB float ``[3, H, W]`` in [0, 1]."""
+    return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+
+
+def decode_rgb(data: bytes, name="image", max_pixels: int = 40_000_000) -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]`` from PNG/JPEG/... bytes: 16-bit, grayscale, palette and RGBA images
+    become 8-bit RGB (alpha dropped). Refuses more than `max_pixels` before decoding. No torch
+    here, so prefetch threads can call it without starting torch thread pools of their own."""
     if not data:
         raise ImageFetchError(f"{shorten(name)} is empty.")
     width, height = image_size(data, name)
@@ -341,5 +356,4 @@ def decode_image(data: bytes, name="image", max_pixels: int = 40_000_000) -> tor
         raise ImageFetchError(f"{shorten(name)} is not a readable image (truncated or corrupt).")
     if array.shape[0] * array.shape[1] > max_pixels:  # the decoder saw another size than the header said
         raise ImageFetchError(f"{shorten(name)} decodes to more pixels than its header says.")
-    rgb = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-    return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from model.calibration import ScoreScale
@@ -44,7 +45,7 @@ from .config import Settings
 from .images import ImageFetchError
 from .label_config import LabelSchema, parse_label_config
 from .labelstudio import LabelStudioProject
-from .predictor import Predictor, TaskError, WorkingImage
+from .predictor import Predictor, TaskError
 from .store import ModelStore, ServedModel
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class PoolState:
     error: str | None = None
     jobs: int = 0
     webhooks_authorized: int = 0  # Label Studio webhooks of this backend that carry its basic auth
+    # where the job's time went: the model, waiting for images, waiting for Label Studio's API
+    compute_seconds: float = 0.0
+    image_wait_seconds: float = 0.0
+    api_wait_seconds: float = 0.0
 
     def snapshot(self) -> dict:
         data = asdict(self)
@@ -283,6 +288,7 @@ class PoolScorer:
         with self._lock:
             state.version, state.phase, state.error = served.name, "listing", None
             state.total = state.done = state.already_current = state.skipped = state.superseded = 0
+            state.compute_seconds = state.image_wait_seconds = state.api_wait_seconds = 0.0
             state.skipped_reasons = []
             state.tasks_per_second = state.eta_seconds = None
             state.started_at, state.finished_at = time.time(), None
@@ -314,7 +320,7 @@ class PoolScorer:
                 try:
                     work = self.predictor.load(schema, pool_task.task)
                     values.append(self.predictor.task_value(candidate, schema, work, pool_task.task))
-                except (TaskError, ImageFetchError, ValueError) as error:
+                except Exception as error:  # noqa: BLE001 - a task it cannot score is just left out
                     log.info("project %s task %s: not used for the score scale: %s", project, pool_task.task["id"], error)
         except Exception as error:  # noqa: BLE001 - no pool sample: the training images stand in
             log.info("project %s: no pool sample for the score scale (%s)", project, _describe(error))
@@ -397,10 +403,20 @@ class _Job:
                     self._check_cancel()
                     task, older, future = in_flight.popleft()
                     try:
-                        work = future.result()
+                        waited = time.monotonic()
+                        rgb = future.result()
+                        computed = time.monotonic()
+                        work = predictor.working_image(rgb)
                         result = predictor.predict_task(self.served, self.schema, task, work=work)
+                        with self.scorer._lock:
+                            self.state.image_wait_seconds += computed - waited
+                            self.state.compute_seconds += time.monotonic() - computed
                     except (TaskError, ImageFetchError, ValueError) as error:
                         self._skip(task, str(error))
+                        continue
+                    except Exception as error:  # noqa: BLE001 - one odd task must not end the job
+                        log.exception("project %s task %s: unexpected error in pool scoring", self.project, task["id"])
+                        self._skip(task, f"{type(error).__name__}: {str(error)[:300]}")
                         continue
                     self.batch.append({"task": task["id"], **result})
                     self.to_delete.extend(older)
@@ -414,12 +430,14 @@ class _Job:
                 for _, _, future in in_flight:
                     future.cancel()
 
-    def _prepare(self, task: dict) -> WorkingImage:
-        """In a prefetch thread: download, decode, resize, and the superpixels when regions are asked."""
+    def _prepare(self, task: dict) -> np.ndarray:
+        """In a prefetch thread: download and decode (RGB uint8), and the superpixels when regions
+        are asked. No torch here: torch gives every calling thread its own OpenMP team, and
+        idle teams spinning beside the model's would slow it down on a small machine."""
         predictor = self.scorer.predictor
-        work = predictor.load(self.schema, task)
-        predictor.superpixels_for(self.schema, task, work)
-        return work
+        rgb = predictor.load_rgb(self.schema, task)
+        predictor.prime_superpixels(self.schema, task, rgb)
+        return rgb
 
     def _skip(self, task: dict, reason: str) -> None:
         log.warning("project %s task %s: skipped by pool scoring: %s", self.project, task.get("id"), reason)
@@ -442,7 +460,10 @@ class _Job:
     def _wait_upload(self) -> None:
         if self.upload is not None:
             upload, self.upload = self.upload, None
+            waited = time.monotonic()
             upload.result()
+            with self.scorer._lock:
+                self.state.api_wait_seconds += time.monotonic() - waited
 
     def _upload(self, batch: list[dict], to_delete: list[int]) -> None:
         if batch:

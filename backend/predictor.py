@@ -34,6 +34,7 @@ task to label first (uncertainty sampling, "Order by: Prediction score" ascendin
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 from dataclasses import dataclass
 
@@ -59,7 +60,7 @@ from model.superpixels import (
 
 from .config import Settings
 from .convert import annotation_to_labels, brush_region, keypoint_region, polygon_region
-from .images import ImageFetcher, ImageFetchError
+from .images import ImageFetcher, ImageFetchError, rgb_to_tensor
 from .label_config import LabelSchema
 from .store import ModelStore, ServedModel
 
@@ -143,10 +144,17 @@ class Predictor:
         return results, errors
 
     def load(self, schema: LabelSchema, task: dict) -> WorkingImage:
+        return self.working_image(self.load_rgb(schema, task))
+
+    def load_rgb(self, schema: LabelSchema, task: dict) -> np.ndarray:
+        """The task's image as RGB uint8 ``[H, W, 3]``, as downloaded (no torch)."""
         data = task.get("data")
         if not isinstance(data, dict) or schema.image_key not in data:
             raise TaskError(f"task {task.get('id')} has no data.{schema.image_key} (the <Image> value field).")
-        image = self.fetcher.fetch(data[schema.image_key])
+        return self.fetcher.fetch_rgb(data[schema.image_key])
+
+    def working_image(self, rgb: np.ndarray) -> WorkingImage:
+        image = rgb_to_tensor(rgb)
         return WorkingImage(working_resolution(image, self.settings.max_side), tuple(image.shape[-2:]))
 
     def predict_task(
@@ -202,7 +210,8 @@ class Predictor:
         else:
             task_value = image_value(pixel_scores, labeled)
         informativeness = self.informativeness(served, task_value)
-        acquisition = {"function": function, "task_value": task_value}
+        # NaN (every pixel labeled) is not JSON: None
+        acquisition = {"function": function, "task_value": task_value if math.isfinite(task_value) else None}
 
         results: list[dict] = []
         keypoints = schema.control("keypoint")
@@ -241,7 +250,8 @@ class Predictor:
         labels, _ = annotation_to_labels(
             existing_results(task, None), schema.class_index, width, height, controls=schema.result_types
         )
-        return self.image_value(served.model, work.image, torch.from_numpy(labels != IGNORE_INDEX), _task_seed(self.settings.seed, task))
+        labeled = torch.from_numpy(labels != IGNORE_INDEX)
+        return self.image_value(served.model, work.image, labeled, _task_seed(self.settings.seed, task))
 
     def image_value(self, model, image: torch.Tensor, labeled: torch.Tensor, seed: int) -> float:
         """``image_value`` of an image ``[3, h, w]`` under `model`, `labeled` ``[h, w]`` excluded."""
@@ -256,11 +266,32 @@ class Predictor:
 
     def superpixels_for(self, schema: LabelSchema, task: dict, work: WorkingImage) -> np.ndarray | None:
         """The image's SEEDS superpixels ``[h, w]`` (cached by URL and size), None without a region control."""
-        if (schema.control("brush") or schema.control("polygon")) is None or self.settings.regions_per_task == 0:
+        if not self._proposes_regions(schema):
             return None
         height, width = work.image.shape[-2:]
-        key = f"{task.get('data', {}).get(schema.image_key)}|{height}x{width}|{self.settings.superpixels}"
-        return self.superpixels.get(key, lambda: seeds_superpixels(to_uint8_rgb(work.image), self.settings.superpixels))
+        return self.superpixels.get(
+            self._superpixel_key(schema, task, height, width),
+            lambda: seeds_superpixels(to_uint8_rgb(work.image), self.settings.superpixels),
+        )
+
+    def prime_superpixels(self, schema: LabelSchema, task: dict, rgb: np.ndarray) -> None:
+        """Compute (and cache) the superpixels from the downloaded ``[H, W, 3]`` uint8 image when
+        it is already at the working resolution: what a prefetch thread can do ahead (SEEDS is
+        OpenCV, no torch)."""
+        height, width = rgb.shape[:2]
+        if self._proposes_regions(schema) and max(height, width) <= self.settings.max_side:
+            self.superpixels.get(
+                self._superpixel_key(schema, task, height, width),
+                lambda: seeds_superpixels(np.ascontiguousarray(rgb), self.settings.superpixels),
+            )
+
+    def _proposes_regions(self, schema: LabelSchema) -> bool:
+        has_control = (schema.control("brush") or schema.control("polygon")) is not None
+        return has_control and self.settings.regions_per_task > 0
+
+    def _superpixel_key(self, schema: LabelSchema, task: dict, height: int, width: int) -> str:
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        return f"{data.get(schema.image_key)}|{height}x{width}|{self.settings.superpixels}"
 
     def _clusters_regions(self, served: ServedModel, schema: LabelSchema) -> bool:
         """Whether regions come from UMAP + KMeans (paper 004) rather than the plain ranking."""

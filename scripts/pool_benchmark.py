@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         per_task = seconds / max(state["done"], 1)
         print(f"{tasks:>6} {seconds:>8.1f} {state['done'] / seconds:>8.2f} {per_task:>7.3f} "
               f"{per_task / forward:>9.2f} {peak:>12.0f}")
+    for tasks, state, seconds, _ in runs:
+        print(f"{tasks:>6} tasks, where the time went: model {state['compute_seconds']:.1f} s, waiting for images "
+              f"{state['image_wait_seconds']:.1f} s, waiting for Label Studio's API {state['api_wait_seconds']:.1f} s")
     (_, _, _, small_peak), (_, _, _, large_peak) = runs
     print(f"peak memory, {args.tasks} vs {args.small} tasks: {large_peak / small_peak:.2f}x")
 
