@@ -145,8 +145,10 @@ def test_training_publishes_a_projector_and_regions_come_from_clusters(tmp_path,
     assert not errors
     regions = [r for r in results[0]["result"] if r["type"] == "brushlabels"]
     assert len(regions) == 4
-    scores = [r["score"] for r in regions]
+    # best first by informativeness (acquisition.value); a region's score is its label's confidence
+    scores = [r["acquisition"]["value"] for r in regions]
     assert scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
+    assert all(0.0 < r["score"] <= 1.0 for r in regions)
     assert all(r["value"]["brushlabels"][0] in CLASSES for r in regions)
 
     restarted = ActiveLearningBackend(backend.settings)
@@ -161,6 +163,6 @@ def test_training_publishes_a_projector_and_regions_come_from_clusters(tmp_path,
     balent = ActiveLearningBackend(dataclasses.replace(backend.settings, region_score="balent"))
     by_balent, errors = balent.predictor.predict("6", schema, [annotated])
     assert not errors
-    scores = [r["score"] for r in by_balent[0]["result"] if r["type"] == "brushlabels"]
+    scores = [r["acquisition"]["value"] for r in by_balent[0]["result"] if r["type"] == "brushlabels"]
     assert len(scores) == 4 and scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
-    assert scores != [r["score"] for r in regions]
+    assert scores != [r["acquisition"]["value"] for r in regions]
