@@ -208,7 +208,8 @@ class PoolScorer:
             entry.thread.start()
 
     def run(self, project: str, reason: str) -> dict:
-        """One job in the calling thread (benchmarks, scripts); returns its final state."""
+        """One job in the calling thread (benchmarks, scripts), even with SEGAL_SCORE_POOL=off;
+        returns its final state."""
         with self._lock:
             entry = self._project(project)
             if entry.thread is not None and entry.thread.is_alive():
@@ -342,7 +343,7 @@ class _Job:
         self.scorer, self.project, self.entry, self.api = scorer, project, entry, api
         self.served, self.schema = served, schema
         self.state = entry.state
-        self.limit = scorer.settings.score_pool  # None: every task
+        self.limit = scorer.settings.score_pool or None  # None: every task (0, off, stops only automatic jobs)
         self.batch: list[dict] = []
         self.to_delete: list[int] = []
         self.switched = False

@@ -200,10 +200,11 @@ class Predictor:
             )
             function = settings.acquisition
             evidence.probs = probs
-            if settings.region_score == "balent":
-                evidence.pixel_scores = score_moments("balent", moments, generator=generator)
-            else:
-                evidence.pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
+            if self._proposes_regions(schema):  # keypoints alone need no region evidence
+                if settings.region_score == "balent":
+                    evidence.pixel_scores = score_moments("balent", moments, generator=generator)
+                else:
+                    evidence.pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
 
         if served.model is None:  # cold start: the task's rank is a uniform draw too
             task_value = float(torch.rand((), generator=generator, dtype=torch.float64))

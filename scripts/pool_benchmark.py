@@ -54,17 +54,23 @@ def peak_memory_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
 
 
-def plain_forward_times(model, repeats: int = 9) -> list[float]:
-    """Seconds of single plain forwards (eval, no dropout sampling) of one 480x360 image."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def plain_forward_times(model, repeats: int = 9) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of single plain forwards (eval, no dropout sampling) of one 480x360 image."""
     image = torch.rand(1, 3, 368, 480)  # 480x360 padded to DeepLabV3+'s multiple of 16
     model.eval()
     times = []
     with torch.inference_mode():
         model(image)
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model(image)
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start, time.process_time() - start_cpu))
     return times
 
 
@@ -75,18 +81,19 @@ def make_project(ls, client, config: str, images: list[Path], title: str) -> int
     return project.id
 
 
-def score(backend: ActiveLearningBackend, project: int, config: str) -> tuple[dict, float, float]:
+def score(backend: ActiveLearningBackend, project: int, config: str, ls_pid: int) -> tuple:
     pid = str(project)
     backend.schemas[pid] = parse_label_config(config)
     reset_peak_memory()
-    start = time.perf_counter()
+    start, start_cpu, start_ls = time.perf_counter(), time.process_time(), process_cpu_seconds(ls_pid)
     # in this thread, like the forwards it is compared with: torch gives every calling thread
     # its own OpenMP team, and an idle team's spinning would slow the other one down
     state = backend.pool.run(pid, "benchmark")
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    ls_cpu_seconds = process_cpu_seconds(ls_pid) - start_ls
     if state["status"] != "done":
         raise RuntimeError(f"pool job of project {pid} ended {state['status']}: {state['error']}")
-    return state, seconds, peak_memory_mib()
+    return state, seconds, cpu_seconds, ls_cpu_seconds, peak_memory_mib()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,38 +118,50 @@ def main(argv: list[str] | None = None) -> None:
         small = make_project(ls, client, config, images[: args.small], f"pool of {args.small}")
         large = make_project(ls, client, config, images[: args.tasks], f"pool of {args.tasks}")
         settings = Settings.from_env(
-            {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "MODEL_DIR": str(Path(work) / "models")}
+            {
+                "LABEL_STUDIO_URL": ls.url,
+                "LABEL_STUDIO_API_KEY": ls.token,
+                "MODEL_DIR": str(Path(work) / "models"),
+                # no automatic jobs (start-up resume, /setup): the benchmark runs each job itself
+                "SEGAL_SCORE_POOL": "off",
+            }
         )
         backend = ActiveLearningBackend(settings)
         model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES)))
         for project in (warm, small, large):
             backend.store.publish(str(project), model, tuple(CAMVID_CLASSES), extra={})
-        score(backend, warm, config)  # threads, allocator and caches warm
+        ls_pid = ls.process.pid
+        score(backend, warm, config, ls_pid)  # threads, allocator and caches warm
         runs, forwards = [], []
         for tasks, project in ((args.small, small), (args.tasks, large)):
             # the machine is shared: forwards are timed before and after each job, once Label
             # Studio has settled (it updates its counters after an import), and pooled
             time.sleep(SETTLE_SECONDS)
             forwards += plain_forward_times(model)
-            runs.append((tasks, *score(backend, project, config)))
+            runs.append((tasks, *score(backend, project, config, ls_pid)))
             time.sleep(SETTLE_SECONDS)
             forwards += plain_forward_times(model)
-        forward = statistics.median(forwards)
+        forward = statistics.median(wall for wall, _ in forwards)
+        forward_cpu = statistics.median(cpu for _, cpu in forwards)
     kind = "keypoints + brush regions" if args.regions else "keypoints only"
     print(f"pool scoring through Label Studio 1.23.2, {kind}, "
           f"{settings.mc_samples} MC samples, torch threads {torch.get_num_threads()}")
-    quartiles = statistics.quantiles(forwards, n=4)
-    print(f"plain forward, one 480x360 image: median {forward * 1000:.0f} ms over {len(forwards)} "
-          f"(quartiles {quartiles[0] * 1000:.0f}-{quartiles[2] * 1000:.0f} ms)")
-    print(f"{'tasks':>6} {'seconds':>8} {'tasks/s':>8} {'s/task':>7} {'x forward':>9} {'peak RSS MiB':>12}")
-    for tasks, state, seconds, peak in runs:
-        per_task = seconds / max(state["done"], 1)
-        print(f"{tasks:>6} {seconds:>8.1f} {state['done'] / seconds:>8.2f} {per_task:>7.3f} "
-              f"{per_task / forward:>9.2f} {peak:>12.0f}")
-    for tasks, state, seconds, _ in runs:
+    quartiles = statistics.quantiles([wall for wall, _ in forwards], n=4)
+    print(f"plain forward, one 480x360 image: median {forward * 1000:.0f} ms wall, {forward_cpu * 1000:.0f} ms CPU "
+          f"over {len(forwards)} (wall quartiles {quartiles[0] * 1000:.0f}-{quartiles[2] * 1000:.0f} ms)")
+    print("x forward: per task / per plain forward; CPU: this process's CPU time (Label Studio's is not in it),")
+    print("which other load on the machine changes less than wall time")
+    print(f"{'tasks':>6} {'seconds':>8} {'tasks/s':>8} {'s/task':>7} {'x forward':>9} {'CPU x forward':>13} "
+          f"{'LS CPU s/task':>13} {'peak RSS MiB':>12}")
+    for tasks, state, seconds, cpu_seconds, ls_cpu_seconds, peak in runs:
+        done = max(state["done"], 1)
+        print(f"{tasks:>6} {seconds:>8.1f} {done / seconds:>8.2f} {seconds / done:>7.3f} "
+              f"{seconds / done / forward:>9.2f} {cpu_seconds / done / forward_cpu:>13.2f} "
+              f"{ls_cpu_seconds / done:>13.3f} {peak:>12.0f}")
+    for tasks, state, *_ in runs:
         print(f"{tasks:>6} tasks, where the time went: model {state['compute_seconds']:.1f} s, waiting for images "
               f"{state['image_wait_seconds']:.1f} s, waiting for Label Studio's API {state['api_wait_seconds']:.1f} s")
-    (_, _, _, small_peak), (_, _, _, large_peak) = runs
+    small_peak, large_peak = runs[0][-1], runs[1][-1]
     print(f"peak memory, {args.tasks} vs {args.small} tasks: {large_peak / small_peak:.2f}x")
 
 
