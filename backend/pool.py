@@ -14,11 +14,14 @@ the served version, and pushes the predictions to Label Studio in batches:
   have no score under it, and Label Studio sorts those last in either direction.
 
 The job never blocks a request: it runs in its own thread, images are downloaded and decoded
-by a small prefetch pool while the model works, memory is bounded whatever the pool size
-(one listing page, a few prefetched images, one push batch). A newer version or a training
-run cancels it; training's end starts a new one. After a restart of the backend the first
-``/setup`` of the project resumes it: tasks that already hold a prediction of the served
-version are skipped. A task that cannot be scored (unreadable image...) is skipped with a
+by a small prefetch pool while the model works, pushes travel in an uploader thread while the
+next batch is computed, memory is bounded whatever the pool size (one listing page, a few
+prefetched images, two push batches). Forwards are not batched across tasks: on a CPU, MC
+moments of 4 images at once cost more per image than one at a time. A newer version or a training
+run cancels it; training's end starts a new one. After a restart of the backend it resumes
+at start-up for every project with a saved model (when the environment names Label Studio's
+URL and key) or at the project's first ``/setup``: tasks that already hold a prediction of the
+served version are skipped. A task that cannot be scored (unreadable image...) is skipped with a
 reason, in the log and in ``/health``, and the job goes on.
 
 MONAI Label does the same (re-score the dataset after every training); here the pool is Label
