@@ -46,6 +46,8 @@ class TrainingState:
     step: int = 0
     total_steps: int = 0
     loss: float | None = None
+    seconds_per_step: float | None = None  # while training: mean over the steps so far
+    eta_seconds: float | None = None  # while training: the steps left at that pace
     images: int = 0
     labeled_pixels: int = 0
     skipped_regions: int = 0
@@ -182,6 +184,7 @@ class Trainer:
         with self._lock:
             state.started_at, state.finished_at, state.error = time.time(), None, None
             state.step, state.total_steps, state.loss = 0, self.settings.train_steps, None
+            state.seconds_per_step = state.eta_seconds = None
             state.annotations_since_training = 0
             state.runs += 1
         try:
@@ -281,9 +284,14 @@ class Trainer:
             project, state.images, state.labeled_pixels, config.steps,
         )
 
+        training_started = time.monotonic()
+
         def progress(step: int, total: int, loss: float) -> None:
+            per_step = (time.monotonic() - training_started) / max(step, 1)
             with self._lock:
                 state.step, state.total_steps, state.loss = step, total, loss
+                state.seconds_per_step = round(per_step, 2)
+                state.eta_seconds = round(per_step * (total - step), 1)
             if step % 10 == 0 or step == total:
                 log.info("project %s: step %d/%d loss %.4f", project, step, total, loss)
 

@@ -220,6 +220,7 @@ def test_label_studio_round_trip(label_studio, backend_server, camvid_dir, artif
     training = wait_until(trained, TRAINING_TIMEOUT, "the training run", interval=2)
     assert training["version"] == 1 and training["images"] == ANNOTATED
     assert training["labeled_pixels"] >= ANNOTATED * 2
+    assert training["seconds_per_step"] > 0 and training["eta_seconds"] == 0  # the pace /health showed
     # contrastive training filled the memory bank and the region projector was fitted on it
     served = project_status(backend_server, project.id)
     assert served["memory_bank_vectors"] > 0 and served["region_selection"] == "umap-kmeans", served
