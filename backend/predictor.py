@@ -66,6 +66,8 @@ from .store import ModelStore, ServedModel
 
 log = logging.getLogger(__name__)
 
+SUPERPIXEL_CACHE_IMAGES = 32
+
 
 class TaskError(ValueError):
     """One task cannot be predicted (no image field, unreadable image...)."""
@@ -119,7 +121,9 @@ class Predictor:
         self.settings = settings
         self.store = store
         self.fetcher = fetcher
-        self.superpixels = SuperpixelCache()
+        # recent images only (an annotator's next click on the same task); a pool job passes
+        # hundreds of images through, and 256 maps of a 1024 px image would be 750 MB
+        self.superpixels = SuperpixelCache(capacity=SUPERPIXEL_CACHE_IMAGES)
 
     def predict(
         self, project: str, schema: LabelSchema, tasks: list[dict], context: dict | None = None
