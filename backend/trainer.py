@@ -304,7 +304,11 @@ class Trainer:
         self._phase(state, "calibrating scores")
         teacher = result.teacher if result.teacher is not None else model
         candidate = ServedModel(teacher.eval(), 0, schema.classes, {}, result.memory_bank, projector)
-        scale = self.listener.fit_score_scale(project, candidate, schema, samples)
+        try:
+            scale = self.listener.fit_score_scale(project, candidate, schema, samples)
+        except Exception:  # noqa: BLE001 - scores on a fixed map are better than no new version
+            log.exception("project %s: fitting the score scale failed; task scores use a fixed map", project)
+            scale = None
         self._phase(state, "saving")
         served = self.store.publish(
             project,
