@@ -45,6 +45,7 @@ from model.calibration import ScoreScale
 from model.data import IGNORE_INDEX
 
 from .config import Settings
+from .jobs import wait_for_job
 from .images import ImageFetchError
 from .label_config import LabelSchema, parse_label_config
 from .labelstudio import LabelStudioProject
@@ -236,15 +237,12 @@ class PoolScorer:
 
     def wait(self, project: str, timeout: float | None = None) -> None:
         """Block until the project's job (and a restart it has queued) ends; for tests and benchmarks."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+
+        def current() -> threading.Thread | None:
             with self._lock:
-                thread = self._project(project).thread
-            if thread is None or not thread.is_alive():
-                return
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if deadline is not None and time.monotonic() >= deadline:
-                return
+                return self._project(project).thread
+
+        wait_for_job(current, timeout)
 
     # -- the job --------------------------------------------------------------------------
 

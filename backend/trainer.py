@@ -29,6 +29,7 @@ from model.regions import RegionProjector
 from model.training import TrainConfig, train
 
 from .config import Settings
+from .jobs import wait_for_job
 from .convert import annotation_to_labels
 from .images import ImageFetcher, ImageFetchError
 from .label_config import LabelSchema, parse_label_config
@@ -153,15 +154,12 @@ class Trainer:
 
     def wait(self, project: str, timeout: float | None = None) -> None:
         """Block until the project's current run (and its follow-up) ends; for tests and shutdown."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+
+        def current() -> threading.Thread | None:
             with self._lock:
-                thread = self._project(project).thread
-            if thread is None or not thread.is_alive():
-                return
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if deadline is not None and time.monotonic() >= deadline:
-                return
+                return self._project(project).thread
+
+        wait_for_job(current, timeout)
 
     def _loop(self, project: str) -> None:
         self.listener.training_started(project)  # e.g. pool scoring yields the CPU
