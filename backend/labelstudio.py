@@ -77,7 +77,8 @@ class LabelStudioProject:
                 own = [
                     (int(p["id"]), str(p.get("model_version")))
                     for p in item.get("predictions") or []
-                    if isinstance(p, dict) and p.get("id") is not None and OWN_VERSION.match(str(p.get("model_version")))
+                    if isinstance(p, dict) and p.get("id") is not None
+                    and OWN_VERSION.match(str(p.get("model_version")))
                 ]
                 tasks.append(PoolTask({"id": item["id"], "data": item.get("data") or {}}, own))
             yield PoolPage(tasks, remaining)

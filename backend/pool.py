@@ -323,7 +323,9 @@ class PoolScorer:
                     work = self.predictor.load(schema, pool_task.task)
                     values.append(self.predictor.task_value(candidate, schema, work, pool_task.task))
                 except Exception as error:  # noqa: BLE001 - a task it cannot score is just left out
-                    log.info("project %s task %s: not used for the score scale: %s", project, pool_task.task["id"], error)
+                    log.info(
+                        "project %s task %s: not used for the score scale: %s", project, pool_task.task["id"], error
+                    )
         except Exception as error:  # noqa: BLE001 - no pool sample: the training images stand in
             log.info("project %s: no pool sample for the score scale (%s)", project, _describe(error))
         if len(values) < MIN_CALIBRATION_TASKS:
