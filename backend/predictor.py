@@ -34,8 +34,8 @@ task to label first (uncertainty sampling, "Order by: Prediction score" ascendin
 from __future__ import annotations
 
 import hashlib
-import math
 import logging
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -199,9 +199,7 @@ class Predictor:
                 moments = mc_moments(served.model, image, settings.mc_samples, generator=generator)[0]
             moments = moments.map_spatial(lambda t: t.cpu())
             probs = moments.mean  # [C, h, w]
-            pixel_scores = score_moments(
-                settings.acquisition, moments, budget=settings.points_per_task, candidates=~labeled, generator=generator
-            )
+            pixel_scores = self._acquisition_scores(moments, labeled, generator)
             function = settings.acquisition
             evidence.probs = probs
             if self._proposes_regions(schema):  # keypoints alone need no region evidence
@@ -260,14 +258,19 @@ class Predictor:
 
     def image_value(self, model, image: torch.Tensor, labeled: torch.Tensor, seed: int) -> float:
         """``image_value`` of an image ``[3, h, w]`` under `model`, `labeled` ``[h, w]`` excluded."""
-        settings = self.settings
         generator = torch.Generator().manual_seed(seed)
-        moments = mc_moments(model, image.to(next(model.parameters()).device), settings.mc_samples, generator=generator)
-        moments = moments[0].map_spatial(lambda t: t.cpu())
-        pixel_scores = score_moments(
+        device = next(model.parameters()).device
+        moments = mc_moments(model, image.to(device), self.settings.mc_samples, generator=generator)[0]
+        pixel_scores = self._acquisition_scores(moments.map_spatial(lambda t: t.cpu()), labeled, generator)
+        return image_value(pixel_scores, labeled)
+
+    def _acquisition_scores(self, moments, labeled: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``[h, w]`` SEGAL_ACQUISITION scores of unlabeled pixels: one definition for the
+        proposals and for the values a score scale is fitted on."""
+        settings = self.settings
+        return score_moments(
             settings.acquisition, moments, budget=settings.points_per_task, candidates=~labeled, generator=generator
         )
-        return image_value(pixel_scores, labeled)
 
     def superpixels_for(self, schema: LabelSchema, task: dict, work: WorkingImage) -> np.ndarray | None:
         """The image's SEEDS superpixels ``[h, w]`` (cached by URL and size), None without a region control."""
@@ -300,10 +303,8 @@ class Predictor:
 
     def _clusters_regions(self, served: ServedModel, schema: LabelSchema) -> bool:
         """Whether regions come from UMAP + KMeans (paper 004) rather than the plain ranking."""
-        has_region_control = schema.control("brush") is not None or schema.control("polygon") is not None
         return (
-            has_region_control
-            and self.settings.regions_per_task > 0
+            self._proposes_regions(schema)
             and served.projector is not None
             and served.model is not None
             and served.model.projection is not None
@@ -328,9 +329,9 @@ class Predictor:
         generator: torch.Generator,
     ) -> list[tuple[dict, float]]:
         """The chosen superpixels as (Label Studio result, raw acquisition value), best first."""
-        control = schema.control("brush") or schema.control("polygon")
-        if control is None or self.settings.regions_per_task == 0:
+        if not self._proposes_regions(schema):
             return []
+        control = schema.control("brush") or schema.control("polygon")
         segments = self.superpixels_for(schema, task, work)
         k = self.settings.regions_per_task
         if evidence.pixel_scores is None:  # cold start: a random score per region

@@ -142,10 +142,7 @@ class ActiveLearningBackend:
         if self._environment_url:
             # the environment names Label Studio: a token from /setup may only fill a missing key,
             # and only when it came from that same Label Studio
-            try:
-                same = offered.same_origin(parse_target(self._environment_url))
-            except UnsafeURL:
-                same = False
+            same = _same_origin(self._environment_url, offered)
             if same and token and not self.settings.label_studio_api_key:
                 changes["label_studio_api_key"] = token
         else:

@@ -25,8 +25,8 @@ import torch
 
 from model.calibration import ScoreScale
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.files import remove_interrupted_writes
 from model.contrastive import MemoryBank
+from model.files import remove_interrupted_writes
 from model.network import BayesianSegmenter
 from model.regions import RegionProjector
 

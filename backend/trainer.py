@@ -29,10 +29,11 @@ from model.regions import RegionProjector
 from model.training import TrainConfig, train
 
 from .config import Settings
-from .jobs import wait_for_job
 from .convert import annotation_to_labels
 from .images import ImageFetcher, ImageFetchError
+from .jobs import wait_for_job
 from .label_config import LabelSchema, parse_label_config
+from .labelstudio import LabelStudioProject
 from .predictor import working_resolution
 from .store import ModelStore, ServedModel
 
@@ -71,7 +72,7 @@ class ProjectSource:
         self.client_factory = client_factory
 
     def label_config(self, project: str) -> str:
-        return self.client_factory(project).projects.get(id=int(project)).label_config
+        return LabelStudioProject(self.client_factory, project).label_config()
 
     def annotated_tasks(self, project: str) -> list[dict]:
         client = self.client_factory(project)
