@@ -292,13 +292,15 @@ def contrastive_step(
     negatives: int = DEFAULT_NEGATIVES,
     temperature: float = DEFAULT_TEMPERATURE,
     generator: torch.Generator,
+    embeddings: torch.Tensor | None = None,  # [B, P, h, w] model.embed(features), if already computed
 ) -> torch.Tensor | None:
     """One step of Algorithm 1, lines 9-11: update the bank, then the InfoNCE of the batch's anchors."""
     positions = (labels != IGNORE_INDEX).nonzero()  # [M, 3] (image, row, col)
     if positions.shape[0] == 0:
         return None
     image_size = tuple(labels.shape[-2:])
-    embeddings = model.embed(features)  # [B, P, h, w]
+    if embeddings is None:
+        embeddings = model.embed(features)  # [B, P, h, w]
     with torch.no_grad():
         pixel_labels = labels[positions[:, 0], positions[:, 1], positions[:, 2]]  # [M]
         pixel_logits = logits.detach()[positions[:, 0], :, positions[:, 1], positions[:, 2]]  # [M, C]
