@@ -18,36 +18,32 @@ class:
 and seed give the same regions.
 
 Keeping UMAP out of the request path. UMAP's first fit in a process compiles numba code for
-tens of seconds, and its first ``transform`` compiles the nearest-neighbor search again. So
-the projector is fitted once after each training round, saved next to the model checkpoint
-(``save``), loaded by the server (``load``) and warmed up (``warm_up``) before the first
-request; a request only calls ``transform``. Numba keeps some compiled functions in an
-on-disk cache (``__pycache__`` of umap/pynndescent, or ``$NUMBA_CACHE_DIR``), so a later
-process pays less than the first ever. The persisted file is a pickle (a UMAP object cannot
-be stored any other way): like any pickle, load only files this code wrote, never uploads.
+tens of seconds, and numba caches only part of it on disk. So the projector is fitted once
+after each training round, with the compilation paid ahead by ``warm_up_umap`` (the server
+runs it at start-up), and saved next to the model checkpoint as plain arrays (``save``, an
+``.npz``: the fitted vectors and their coordinates). The server loads it without importing
+UMAP, and a request's ``transform`` places region features by their nearest fitted vectors,
+as UMAP's transform initializes them (``RegionProjector``).
 
 Measured on the 2-core CPU development machine (torch 2.13, umap-learn 0.5.12, numba 0.68.1),
-each in a fresh process; "cold" = empty numba cache (a new ``NUMBA_CACHE_DIR``), "cached" =
-the cache filled by an earlier process:
+each in a fresh process:
 
-- ``import umap``: 15-17 s cold, 2.5 s cached.
-- ``RegionProjector.fit`` on 11 classes x 1000 = 11000 unit vectors of dim 128 (clustered
-  around 11 centers), 2 components: 46-49 s cold, 36-38 s cached, 4.7 s for a second fit in
-  the same process: nearly all of it is compilation, not all of which numba can cache. The
-  layout runs on one thread (a fixed ``random_state`` makes UMAP single-threaded; that is
-  what makes it reproducible: the same seed gave bit-identical projections in two processes).
-- Saved projector for those 11000 vectors: 18 MB (the vectors, the neighbor graph and the
-  nearest-neighbor index). In the server: ``load`` 21-24 s cold / 2-4 s cached (mostly
-  ``import umap``), then ``warm_up`` 4.5-6.6 s cached or not (the search function is built
-  per index, so numba cannot cache it).
-- ``transform`` of 300 region features: 0.1-0.2 s once warm. The first call pays the
-  compilation above (in the process that just fitted, cold: 55-66 s; cached: 1.2 s).
+- ``import umap``: 15-17 s with an empty numba cache, 2.5-9 s cached.
+- ``RegionProjector.fit`` on 11 classes x 1000 = 11000 unit vectors of dim 128: 46-60 s as
+  a process's first fit (nearly all compilation), 4-7 s once ``warm_up_umap`` ran (which costs
+  45-50 s itself). The layout runs on one thread (a fixed ``random_state`` makes UMAP
+  single-threaded; that is what makes it reproducible).
+- ``transform`` of 300 region features against 11000 vectors: 5-50 ms (the upper end on a
+  loaded machine); UMAP's own transform took 100-250 ms and compiled for 5 s per projector.
+- Saved projector for 11000 vectors: 5.7 MB.
 - ``region_embeddings`` on a 128 x 360 x 480 map with 300 SEEDS segments: 35-75 ms.
 - ``select_diverse_regions`` over 300 regions, k = 10: 8 ms (35 ms the first call).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import pickle
 import threading
 import time
@@ -64,7 +60,7 @@ from .network import grid_sample_coordinates
 from .superpixels import labeled_fraction, region_sums
 
 PROJECTOR_FORMAT = "segal-region-projector"
-PROJECTOR_FORMAT_VERSION = 1
+PROJECTOR_FORMAT_VERSION = 2  # 1: a pickled UMAP object
 MIN_FIT_VECTORS = 10  # UMAP needs a neighborhood graph; fewer vectors than this give no useful map
 KMEANS_N_INIT = 4
 WARM_UP_VECTORS = 8
@@ -135,15 +131,26 @@ def region_embeddings(
 
 
 class RegionProjector:
-    """UMAP fitted on memory-bank vectors; maps region features into its space.
+    """UMAP fitted on memory-bank vectors; places region features in its space.
 
     Build it with ``fit`` (after training) or ``load`` (in the server), never directly.
-    ``transform`` is serialized by a lock: the UMAP nearest-neighbor index initializes its
-    search structures lazily on the first query, which is not safe to race.
+
+    ``fit`` runs UMAP (paper 004) and keeps what the placement needs: the fitted vectors
+    ``[N, P]`` and their UMAP coordinates ``[N, d]``. ``transform`` places a new vector where
+    UMAP's own ``transform`` starts it, at the mean of its ``n_neighbors`` nearest fitted
+    vectors' coordinates weighted by UMAP's fuzzy memberships exp(-(d_j - rho) / sigma) (rho:
+    the distance to the nearest, sigma: so the weights sum to log2(n_neighbors)), without
+    UMAP's refinement epochs, which only fine-tune positions inside a neighbourhood that
+    KMeans over a few clusters does not resolve. That makes a request's transform a matrix
+    product and a top-k (about 5 ms for 300 regions against 11000 vectors, against
+    100-250 ms through UMAP, whose search also compiled for 5 s per loaded projector), and
+    the saved file plain arrays (``.npz``, no pickle) that the server loads without
+    importing UMAP.
     """
 
-    def __init__(self, umap_model: Any, metadata: dict[str, Any]):
-        self._umap = umap_model
+    def __init__(self, reference: np.ndarray, coordinates: np.ndarray, metadata: dict[str, Any]):
+        self.reference = np.ascontiguousarray(reference, dtype=np.float32)  # [N, P] unit vectors
+        self.coordinates = np.ascontiguousarray(coordinates, dtype=np.float32)  # [N, d]
         self.metadata = dict(metadata)
         self.num_vectors: int = int(metadata["num_vectors"])
         self.dim: int = int(metadata["dim"])
@@ -152,7 +159,13 @@ class RegionProjector:
         self.min_dist: float = float(metadata["min_dist"])
         self.seed: int = int(metadata["seed"])
         self.fit_seconds: float = float(metadata["fit_seconds"])
-        self._lock = threading.Lock()
+        if self.reference.shape != (self.num_vectors, self.dim) or self.coordinates.shape != (
+            self.num_vectors, self.n_components
+        ):
+            raise ValueError(
+                f"reference {self.reference.shape} and coordinates {self.coordinates.shape} do not match the "
+                f"metadata ({self.num_vectors} vectors, dim {self.dim}, {self.n_components} components)."
+            )
 
     def __repr__(self) -> str:
         return (
@@ -172,8 +185,8 @@ class RegionProjector:
     ) -> RegionProjector:
         """Fit UMAP on `vectors` ``[N, P]`` (memory-bank embeddings); reproducible for a given seed.
 
-        `n_neighbors` is clamped to N - 1. Slow (see the module docstring): call it after
-        training, not while serving.
+        `n_neighbors` is clamped to N - 1. The first fit in a process compiles numba code for
+        tens of seconds (``warm_up_umap`` pays that ahead); call it after training, not while serving.
         """
         vectors = _as_matrix(vectors, "vectors")
         count, dim = vectors.shape
@@ -197,13 +210,12 @@ class RegionProjector:
             min_dist=min_dist,
             random_state=seed,
             n_jobs=1,
-            # the nearest-neighbor index even for small banks: below 4096 vectors UMAP would
-            # otherwise transform by brute-force distances through a Python-level metric call
-            # per pair (1.3 s for 300 regions against 4000 vectors, against 0.1-0.2 s)
+            # the same nearest-neighbour code at every size (below 4096 vectors UMAP would switch
+            # to exact distances), so the start-up warm-up on a few vectors compiles what a real fit runs
             force_approximation_algorithm=True,
         )
         start = time.perf_counter()
-        model.fit(vectors)
+        coordinates = model.fit_transform(vectors)  # [N, d]
         seconds = time.perf_counter() - start
         metadata = {
             "num_vectors": count,
@@ -215,7 +227,8 @@ class RegionProjector:
             "fit_seconds": seconds,
             "umap_version": umap.__version__,
         }
-        return cls(model, metadata)
+        reference = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return cls(reference, coordinates, metadata)
 
     def transform(self, vectors: np.ndarray) -> np.ndarray:
         """Region features ``[K, P]`` -> coordinates ``[K, n_components]`` float32 (deterministic)."""
@@ -227,65 +240,135 @@ class RegionProjector:
             )
         if len(vectors) == 0:
             return np.zeros((0, self.n_components), dtype=np.float32)
-        with self._lock:
-            coordinates = self._umap.transform(vectors)
-        return np.asarray(coordinates, dtype=np.float32)
+        # numpy, not torch: a few small element-wise steps, where an OpenMP team's hand-offs on a
+        # busy 2-core machine turned 2 ms into a second
+        queries = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # [K, P]
+        similarity = queries @ self.reference.T  # [K, N]
+        k = self.n_neighbors
+        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]  # [K, k] unordered
+        nearest_similarity = np.take_along_axis(similarity, nearest, axis=1)
+        # unit vectors: euclidean distance^2 = 2 - 2 cos
+        distances = np.sqrt(np.clip(2.0 - 2.0 * nearest_similarity.astype(np.float64), 0.0, None))  # [K, k]
+        weights = _fuzzy_memberships(distances)  # [K, k]
+        placed = np.einsum("qk,qkd->qd", weights, self.coordinates[nearest].astype(np.float64))  # [K, d]
+        return (placed / weights.sum(1, keepdims=True)).astype(np.float32)
 
     def save(self, path: str | Path) -> Path:
-        """Atomically write the projector to `path` (parent folders are created)."""
-        payload = {
-            "format": PROJECTOR_FORMAT,
-            "version": PROJECTOR_FORMAT_VERSION,
-            "metadata": self.metadata,
-            "umap": self._umap,
-        }
-        return atomic_write(Path(path), lambda file: pickle.dump(payload, file, protocol=pickle.HIGHEST_PROTOCOL))
+        """Atomically write the projector to `path` (an ``.npz`` of arrays; parent folders are created)."""
+        header = {"format": PROJECTOR_FORMAT, "version": PROJECTOR_FORMAT_VERSION, "metadata": self.metadata}
+
+        def write(file) -> None:
+            np.savez(file, header=np.array(json.dumps(header)), reference=self.reference, coordinates=self.coordinates)
+
+        return atomic_write(Path(path), write)
 
     @classmethod
     def load(cls, path: str | Path) -> RegionProjector:
-        """Read a projector written by ``save``. Trusted files only: this unpickles."""
+        """Read a projector written by ``save`` (arrays only: no code runs while loading)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"No region projector at {path}: fit one after training (RegionProjector.fit(...).save(path))."
             )
-        umap = _import_umap()  # the pickle references umap and pynndescent classes
+        if path.read_bytes()[:1] == b"\x80":  # a pickle: format 1, written before this one
+            return cls._from_format_1(path)
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                header = json.loads(str(arrays["header"]))
+                reference, coordinates = arrays["reference"], arrays["coordinates"]
+        except Exception as error:  # a truncated or foreign file can raise almost anything
+            raise ValueError(
+                f"{path} is not a readable region projector ({type(error).__name__}: {error}); "
+                "refit it with RegionProjector.fit and save it again."
+            ) from error
+        if not isinstance(header, dict) or header.get("format") != PROJECTOR_FORMAT:
+            raise ValueError(f"{path} is not a region projector file (no '{PROJECTOR_FORMAT}' format tag).")
+        if header.get("version") != PROJECTOR_FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has region projector format version {header.get('version')!r}; this code reads "
+                f"version {PROJECTOR_FORMAT_VERSION}: refit the projector."
+            )
+        try:
+            projector = cls(reference, coordinates, header["metadata"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} has incomplete or inconsistent projector data ({error}): refit it.") from error
+        if not (np.isfinite(projector.reference).all() and np.isfinite(projector.coordinates).all()):
+            raise ValueError(f"{path} holds NaN or inf: refit the projector.")
+        return projector
 
+    @classmethod
+    def _from_format_1(cls, path: Path) -> RegionProjector:
+        """A format-1 file (a pickled UMAP object, written by this backend before format 2):
+        its fitted vectors and coordinates. Unpickling runs code: MODEL_DIR's own files only."""
+        umap = _import_umap()  # the pickle references umap and pynndescent classes
         try:
             with path.open("rb") as file:
-                payload = pickle.load(file)
+                payload = pickle.load(file)  # noqa: S301 - our own file, see the docstring
+            model, metadata = payload["umap"], payload["metadata"]
+            if payload.get("format") != PROJECTOR_FORMAT or not isinstance(model, umap.UMAP):
+                raise ValueError("no region projector inside")
+            return cls(model._raw_data, model.embedding_, metadata)
         except Exception as error:  # a truncated or foreign pickle can raise almost anything
             raise ValueError(
                 f"{path} is not a readable region projector ({type(error).__name__}: {error}); "
                 "refit it with RegionProjector.fit and save it again."
             ) from error
-        if not isinstance(payload, dict) or payload.get("format") != PROJECTOR_FORMAT:
-            raise ValueError(f"{path} is not a region projector file (no '{PROJECTOR_FORMAT}' format tag).")
-        if payload.get("version") != PROJECTOR_FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has region projector format version {payload.get('version')!r}; this code reads "
-                f"version {PROJECTOR_FORMAT_VERSION}: refit the projector."
-            )
-        model, metadata = payload.get("umap"), payload.get("metadata")
-        if not isinstance(model, umap.UMAP) or not isinstance(metadata, dict):
-            # a bad file, not a bad argument: ValueError like every other unreadable-file case
-            raise ValueError(f"{path} is a damaged region projector file (no UMAP model or metadata).")  # noqa: TRY004
-        try:
-            return cls(model, metadata)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path} has incomplete projector metadata ({error}): refit it.") from error
 
     def warm_up(self) -> None:
-        """One tiny transform, so numba compiles before the first real request.
-
-        After ``load`` the first ``transform`` costs 4.5-6.6 s on 2 cores (the per-index search
-        function cannot be cached); later ones about 0.1-0.2 s per 300 regions. Call it where
-        the server loads the projector, not in a request.
-        """
+        """One tiny transform (the first torch top-k of a process allocates its buffers)."""
         rng = np.random.default_rng(0)
         sample = rng.standard_normal((WARM_UP_VECTORS, self.dim)).astype(np.float32)
         sample /= np.linalg.norm(sample, axis=1, keepdims=True)
         self.transform(sample)
+
+
+def _fuzzy_memberships(distances: np.ndarray, iterations: int = 64) -> np.ndarray:
+    """UMAP's smoothed k-NN weights ``[K, k]`` from distances ``[K, k]`` (float64):
+    exp(-max(0, d - rho) / sigma), rho = the nearest distance, sigma found by bisection so each
+    row sums to log2(k) (McInnes et al. 2018, section 3.1, local_connectivity = 1)."""
+    target = math.log2(distances.shape[1])
+    excess = distances - distances.min(axis=1, keepdims=True)  # [K, k] >= 0
+    low = np.zeros((len(distances), 1))
+    high = np.full((len(distances), 1), np.inf)
+    sigma = np.ones((len(distances), 1))
+    for _ in range(iterations):
+        too_wide = np.exp(-excess / sigma).sum(axis=1, keepdims=True) > target  # shrink sigma
+        high = np.where(too_wide, sigma, high)
+        low = np.where(too_wide, low, sigma)
+        sigma = np.where(np.isinf(high), sigma * 2.0, (low + high) / 2.0)
+    return np.exp(-excess / np.maximum(sigma, 1e-12))
+
+
+_UMAP_WARM_UP_LOCK = threading.Lock()
+_umap_warm_up_seconds: float | None = None  # set once this process has compiled UMAP's numba code
+UMAP_WARM_UP_VECTORS = 200
+
+
+def warm_up_umap(dim: int = 128) -> float:
+    """Compile UMAP's and pynndescent's numba code in this process: a fit and a transform on
+    a few random unit vectors. Returns the seconds it took (0 once done; callers racing the
+    first call wait for it).
+
+    Numba caches only part of that code on disk, so every fresh process pays tens of seconds
+    at its first fit whatever the cache holds (module docstring); a tiny fit compiles the same
+    functions as a large one. The server calls this in the background at start-up, so the fit
+    after a training run costs the fit itself: 11000 bank vectors in 4-7 s instead of 40-60 s.
+    """
+    global _umap_warm_up_seconds
+    with _UMAP_WARM_UP_LOCK:
+        if _umap_warm_up_seconds is not None:
+            return 0.0
+        start = time.perf_counter()
+        rng = np.random.default_rng(0)
+        vectors = rng.standard_normal((UMAP_WARM_UP_VECTORS, dim)).astype(np.float32)  # [N, P]
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        RegionProjector.fit(vectors).warm_up()
+        _umap_warm_up_seconds = time.perf_counter() - start
+        return _umap_warm_up_seconds
+
+
+def umap_is_warm() -> bool:
+    return _umap_warm_up_seconds is not None
 
 
 def select_diverse_regions(

@@ -156,14 +156,58 @@ def test_a_resource_warning_from_garbage_does_not_count_as_a_fit_warning():
     assert fit_warnings(caught) == ["n_jobs value 1 overridden to 1 by setting random_state"]
 
 
+def test_projector_places_vectors_as_umap_starts_its_transform(fitted):
+    """The fitted vectors land on (nearly) their own fitted coordinates, and new vectors where
+    umap's own transform puts them, up to its refinement epochs: same clusters, close positions."""
+    projector, vectors, ids, _ = fitted
+    own = projector.transform(vectors)
+    spread = np.ptp(projector.coordinates, axis=0).max()
+    # a fitted vector is its own nearest neighbour (weight 1) among 15
+    assert np.median(np.linalg.norm(own - projector.coordinates, axis=1)) < 0.1 * spread
+    import umap
+
+    reference = umap.UMAP(n_neighbors=projector.n_neighbors, random_state=0, n_jobs=1).fit(vectors)
+    ours = RegionProjector(vectors, reference.embedding_, {**projector.metadata, "fit_seconds": 0.0})
+    new, new_ids = clustered(4, seed=5)
+    theirs, placed = reference.transform(new), ours.transform(new)
+    nearest = lambda points: ids[np.linalg.norm(points[:, None] - reference.embedding_[None], axis=2).argmin(1)]
+    assert np.array_equal(nearest(placed), new_ids) and np.array_equal(nearest(theirs), new_ids)
+    assert np.median(np.linalg.norm(placed - theirs, axis=1)) < 0.1 * np.ptp(reference.embedding_, axis=0).max()
+
+
+def test_fuzzy_memberships_follow_umaps_definition():
+    from model.regions import _fuzzy_memberships
+
+    distances = np.sort(np.random.default_rng(0).uniform(0.2, 1.5, size=(50, 15)), axis=1)
+    weights = _fuzzy_memberships(distances)
+    np.testing.assert_allclose(weights.sum(1), np.log2(15), rtol=1e-6)
+    np.testing.assert_allclose(weights[:, 0], 1.0)  # the nearest neighbour: exp(0)
+    assert (np.diff(weights, axis=1) <= 1e-12).all()  # farther, never heavier
+
+
 def test_projector_survives_save_and_load(fitted, tmp_path):
     projector, _, _, _ = fitted
     new, _ = clustered(3, seed=3)
-    path = projector.save(tmp_path / "models" / "projector.pkl")
+    path = projector.save(tmp_path / "models" / "projector.umap")
+    assert path.read_bytes()[:2] == b"PK"  # an npz: arrays only, nothing is unpickled on load
     loaded = RegionProjector.load(path)
     loaded.warm_up()
     assert (loaded.num_vectors, loaded.dim, loaded.seed) == (projector.num_vectors, projector.dim, projector.seed)
     np.testing.assert_array_equal(loaded.transform(new), projector.transform(new))
+
+
+def test_a_format_1_projector_file_still_loads(fitted, tmp_path):
+    """Format 1 pickled the UMAP object; a model saved before format 2 keeps its region selection."""
+    import umap
+
+    projector, vectors, _, _ = fitted
+    model = umap.UMAP(n_neighbors=projector.n_neighbors, random_state=0, n_jobs=1).fit(vectors)
+    old = tmp_path / "model-v1.umap"
+    old.write_bytes(pickle.dumps({"format": "segal-region-projector", "version": 1, "metadata": projector.metadata,
+                                  "umap": model}))
+    loaded = RegionProjector.load(old)
+    np.testing.assert_array_equal(loaded.coordinates, model.embedding_)
+    assert loaded.transform(vectors[:5]).shape == (5, 2)
 
 
 def test_projector_errors(fitted, tmp_path):
@@ -174,8 +218,19 @@ def test_projector_errors(fitted, tmp_path):
         RegionProjector.load(garbage)
     foreign = tmp_path / "foreign.pkl"
     foreign.write_bytes(pickle.dumps({"format": "something-else", "version": 1}))
-    with pytest.raises(ValueError, match="format tag"):
+    with pytest.raises(ValueError, match="not a readable region projector"):
         RegionProjector.load(foreign)
+    tagless = tmp_path / "tagless.npz"
+    np.savez(tagless, header=np.array('{"format": "something-else"}'), reference=vectors, coordinates=vectors[:, :2])
+    with pytest.raises(ValueError, match="format tag"):
+        RegionProjector.load(tagless)
+    inconsistent = tmp_path / "inconsistent.umap"
+    projector.save(inconsistent)
+    arrays = dict(np.load(inconsistent))
+    with inconsistent.open("wb") as file:  # a handle: np.savez would append ".npz" to a path
+        np.savez(file, header=arrays["header"], reference=arrays["reference"][:-1], coordinates=arrays["coordinates"])
+    with pytest.raises(ValueError, match="inconsistent"):
+        RegionProjector.load(inconsistent)
     with pytest.raises(FileNotFoundError, match="No region projector"):
         RegionProjector.load(tmp_path / "absent.pkl")
     with pytest.raises(ValueError, match=f"at least {MIN_FIT_VECTORS} vectors"):
