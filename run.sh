@@ -6,6 +6,9 @@
 #   ./run.sh setup   set up only (SEGAL_EXTRAS=test to add the test tools)
 #   ./run.sh bench   set up, then print the inference / acquisition benchmark
 #   ./run.sh bench-pool   pool scoring through a real Label Studio (tasks/s, x forward, memory)
+#   ./run.sh bench-train  training: step time (fp32 / bf16), mIoU per schedule, time to a new version
+#   ./run.sh bench-predict  /predict of one task with a trained model vs one plain forward
+#   ./run.sh bench-ddp    training step time in 1 and 2 processes (DDP, Gloo) on CPU
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -44,6 +47,9 @@ case "$command" in
     test) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) setup ""; exec "$VENV/bin/segal-benchmark" "$@" ;;
     bench-pool) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" scripts/pool_benchmark.py "$@" ;;
+    bench-train) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" scripts/train_benchmark.py "$@" ;;
+    bench-predict) setup test; exec "$VENV/bin/python" scripts/predict_benchmark.py "$@" ;;
+    bench-ddp) setup ""; exec "$VENV/bin/python" scripts/ddp_benchmark.py "$@" ;;
     demo) setup ""; exec "$VENV/bin/segal-demo" "$@" ;;
-    *) echo "usage: ./run.sh [start|test|setup|bench|bench-pool|demo] [args...]" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh [start|test|setup|bench|bench-pool|bench-train|bench-predict|bench-ddp|demo] [args...]" >&2; exit 2 ;;
 esac

@@ -24,6 +24,7 @@ own embedding instead of sharing a downsampled cell.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -293,10 +294,16 @@ def contrastive_step(
     temperature: float = DEFAULT_TEMPERATURE,
     generator: torch.Generator,
     embeddings: torch.Tensor | None = None,  # [B, P, h, w] model.embed(features), if already computed
+    share_pushes: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor | None:
-    """One step of Algorithm 1, lines 9-11: update the bank, then the InfoNCE of the batch's anchors."""
+    """One step of Algorithm 1, lines 9-11: update the bank, then the InfoNCE of the batch's anchors.
+
+    `share_pushes` (data-parallel training, ``model.distributed``) turns this process's bank
+    pushes ``([n, P], [n] classes)`` into every process's, in rank order; it is a collective,
+    so it is called even when this share of the batch has nothing to push.
+    """
     positions = (labels != IGNORE_INDEX).nonzero()  # [M, 3] (image, row, col)
-    if positions.shape[0] == 0:
+    if positions.shape[0] == 0 and share_pushes is None:
         return None
     image_size = tuple(labels.shape[-2:])
     if embeddings is None:
@@ -308,11 +315,15 @@ def contrastive_step(
         to_push = bank_candidates(
             pixel_labels.cpu(), predictions.cpu(), pixel_entropy(pixel_logits).cpu(), positions[:, 0].cpu(), per_image
         ).to(positions.device)
-        if to_push.numel():
-            pushed = sample_embeddings(model, embeddings.detach(), image_size, positions[to_push])
+        if to_push.numel() or share_pushes is not None:
+            pushed = sample_embeddings(model, embeddings.detach(), image_size, positions[to_push])  # [n, P]
             pushed_labels = pixel_labels[to_push]
+            if share_pushes is not None:  # every rank's pushes, so that every rank holds the same bank
+                pushed, pushed_labels = share_pushes(pushed, pushed_labels)
             for cls in pushed_labels.unique().tolist():
                 bank.push(cls, pushed[pushed_labels == cls])
+    if positions.shape[0] == 0:
+        return None
     chosen = anchor_indices(pixel_labels.cpu(), predictions.cpu(), anchors_per_class, generator).to(positions.device)
     anchors = sample_embeddings(model, embeddings, image_size, positions[chosen])  # [n, P] with grad
     return contrastive_loss(anchors, pixel_labels[chosen], bank, negatives, temperature, generator)

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import contrastive
 from .augment import SparseAugment
 from .contrastive import EmaTeacher, MemoryBank
 from .data import IGNORE_INDEX
+from .distributed import Distributed
 from .network import BayesianSegmenter
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -249,12 +251,36 @@ def _memory_bank(model: BayesianSegmenter, config: TrainConfig, given: MemoryBan
     return MemoryBank(model.num_classes, dim, config.bank_capacity, device=device)
 
 
+class _StudentForward(nn.Module):
+    """The student's training forward as one module call: DistributedDataParallel exchanges
+    the gradients of what runs through its wrapped forward. Unwrapped (one process) it runs
+    the same operations in the same order as calling the model's parts directly."""
+
+    def __init__(self, model: BayesianSegmenter, embed: bool):
+        super().__init__()
+        self.model = model
+        self.embed = embed
+
+    def forward(self, images: torch.Tensor):
+        features = self.model.features(images)  # [B, D, h/4, w/4]
+        logits = self.model.logits_from_features(features, tuple(images.shape[-2:]))  # [B, C, h, w]
+        # the head's 3x3 conv costs as much as ASPP: only when the contrastive loss needs it
+        embeddings = self.model.embed(features).float() if self.embed else None  # [B, P, h/4, w/4]
+        return features, logits, embeddings
+
+    @property
+    def unused_parameters(self) -> bool:
+        """Whether some parameters never reach the outputs: a projection head not run."""
+        return not self.embed and self.model.projection is not None
+
+
 def train(
     model: BayesianSegmenter,
     samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
     config: TrainConfig | None = None,
     progress: Progress | None = None,
     memory_bank: MemoryBank | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainResult:
     """Fine-tune `model` (the student) in place on sparse labels; returns the loss history,
     and, as configured, the EMA teacher and the memory bank.
@@ -266,8 +292,14 @@ def train(
     augmentation use their own generator, and dropout runs under a forked global RNG seeded
     from it, so the caller's global RNG state is left untouched. The model's train/eval mode
     is restored afterwards.
+
+    `distributed` (``model.distributed``, one process per rank under ``torchrun``): the same
+    training data-parallel, each rank on its share of every global batch; the losses are the
+    global batch's, and every rank returns the same teacher and bank (how: that module).
     """
     config = config or TrainConfig()
+    if distributed is not None:
+        distributed.check_batch_size(config.batch_size)
     if config.contrastive and model.projection is None:
         raise ValueError(
             "contrastive_weight > 0 needs a projection head: build the model with "
@@ -298,9 +330,14 @@ def train(
     model.train()
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
+    forward = _StudentForward(model, embed=result.memory_bank is not None)
+    contrastive_generator = generator
+    if distributed is not None:
+        forward = distributed.wrap(forward, find_unused_parameters=forward.unused_parameters)
+        contrastive_generator = distributed.contrastive_generator(config.seed)  # the data generator stays in step
     try:
         with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.seed if distributed is None else distributed.dropout_seed(config.seed))
             for step in range(1, total + 1):
                 batch = [_augmented(augment, *data[next(indices)], generator) for _ in range(config.batch_size)]
                 labels = torch.stack([lab for _, lab in batch]).to(device)  # [B, h, w]
@@ -308,35 +345,40 @@ def train(
                     result.skipped_steps += 1
                     scheduler.step()
                     continue
+                if distributed is not None:  # every rank drew the whole global batch; it trains on its share
+                    batch, labels = distributed.shard(batch, labels)
                 images = torch.stack([img for img, _ in batch]).to(device).contiguous(memory_format=layout)  # [B, 3, h, w]
-                embeddings = None
                 with _autocast(precision, device):  # the convolutions: nearly all the FLOPs
-                    features = model.features(images)  # [B, D, h/4, w/4]
-                    logits = model.logits_from_features(features, tuple(images.shape[-2:]))  # [B, C, h, w]
-                    if result.memory_bank is not None:  # the head's 3x3 conv costs as much as ASPP
-                        embeddings = model.embed(features).float()  # [B, P, h/4, w/4]
+                    # [B, D, h/4, w/4], [B, C, h, w], [B, P, h/4, w/4] (None without the contrastive loss)
+                    features, logits, embeddings = forward(images)
                 # the losses and the memory bank in fp32: InfoNCE at tau = 0.1 is sensitive to
                 # rounding, and the bank is saved with the model
                 logits = logits.float()
-                loss = sparse_cross_entropy(logits, labels)
+                cross_entropy = sparse_cross_entropy if distributed is None else distributed.sparse_cross_entropy
+                loss = cross_entropy(logits, labels)
                 if result.memory_bank is not None:
                     nce = contrastive.contrastive_step(
                         model, features, logits, labels, result.memory_bank,
                         per_image=config.bank_per_image, anchors_per_class=config.anchors_per_class,
-                        negatives=config.negatives, temperature=config.temperature, generator=generator,
+                        negatives=config.negatives, temperature=config.temperature, generator=contrastive_generator,
                         embeddings=F.normalize(embeddings, dim=1),  # renormalized after the bf16 rounding
+                        share_pushes=None if distributed is None else distributed.share_pushes,
                     )
                     if nce is not None:  # None until the bank holds two classes
                         loss = loss + config.contrastive_weight * nce
                         result.contrastive_losses.append(float(nce.detach()))
+                    elif distributed is not None:  # DDP waits for a gradient of every output's parameters
+                        loss = loss + 0.0 * embeddings.sum()
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if distributed is not None:  # identical BatchNorm statistics before the teacher reads them
+                    distributed.sync_buffers(model)
                 if teacher is not None:
                     teacher.update(model)
-                result.losses.append(float(loss.detach()))
+                result.losses.append(float(loss.detach()) if distributed is None else distributed.global_mean(loss))
                 result.steps += 1
                 if progress is not None:
                     progress(step, total, result.losses[-1])
