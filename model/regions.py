@@ -112,7 +112,10 @@ def region_embeddings(
     index = torch.from_numpy(segments.astype(np.int64, copy=False)).to(device)  # [H, W]
     sums = torch.zeros(dim, count, dtype=torch.float32, device=device)  # [P, K]
     height, width = segments.shape
-    if grid_size is None:
+    cells = maps.shape[1] * maps.shape[2]
+    if grid_size is not None and count * cells <= MAX_REGION_CELL_WEIGHTS:
+        sums = _sums_through_cell_weights(maps, index, count, grid_size)
+    elif grid_size is None:
         sums.index_add_(1, index.reshape(-1), maps.reshape(dim, -1))
     else:
         grid_h, grid_w = grid_size
@@ -128,6 +131,42 @@ def region_embeddings(
     sizes = torch.bincount(index.reshape(-1), minlength=count).clamp_(min=1).to(torch.float32)  # [K]
     means = (sums / sizes).T  # [K, P]
     return F.normalize(means, dim=1).cpu().numpy().astype(np.float32, copy=False)
+
+
+# regions x decoder cells of the weight matrix below (float64): 8M = 64 MB; a 480x360 image
+# with 300 regions needs 3.3M, larger images take the chunked upsampling instead
+MAX_REGION_CELL_WEIGHTS = 8_000_000
+
+
+def _bilinear_taps(pixels: int, grid: int, cells: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For image pixels 0..pixels-1 along one axis of a `grid`-long padded grid whose map has
+    `cells` entries: the two source cells and the weight of the second (``grid_sample``,
+    bilinear, ``align_corners=False``, border padding, as ``BayesianSegmenter.upsample``)."""
+    source = ((torch.arange(pixels, device=device, dtype=torch.float64) + 0.5) * cells / grid - 0.5).clamp(0, cells - 1)
+    low = source.floor().to(torch.int64)
+    return low, (low + 1).clamp(max=cells - 1), source - low
+
+
+def _sums_through_cell_weights(
+    maps: torch.Tensor, index: torch.Tensor, count: int, grid_size: tuple[int, int]
+) -> torch.Tensor:
+    """Per-region sums ``[P, K]`` of the bilinearly upsampled `maps` ``[P, h, w]``, without
+    upsampling them: each pixel's value is a weighted sum of 4 decoder cells, so a region's sum
+    is (its pixels' cell weights, summed: ``[K, h * w]``) @ the map. The weights depend on the
+    segments alone; 128 channels times every pixel (the chunked path) never exist."""
+    dim, cells_h, cells_w = maps.shape
+    height, width = index.shape
+    rows0, rows1, row_frac = _bilinear_taps(height, grid_size[0], cells_h, index.device)  # [H]
+    cols0, cols1, col_frac = _bilinear_taps(width, grid_size[1], cells_w, index.device)  # [W]
+    region = index.reshape(-1) * (cells_h * cells_w)  # [H * W] offset of each pixel's region row
+    keys, weights = [], []
+    for rows, row_weight in ((rows0, 1.0 - row_frac), (rows1, row_frac)):
+        for cols, col_weight in ((cols0, 1.0 - col_frac), (cols1, col_frac)):
+            keys.append(region + (rows[:, None] * cells_w + cols[None, :]).reshape(-1))
+            weights.append((row_weight[:, None] * col_weight[None, :]).reshape(-1))
+    cell_weights = torch.bincount(torch.cat(keys), torch.cat(weights), minlength=count * cells_h * cells_w)
+    cell_weights = cell_weights.view(count, cells_h * cells_w).to(torch.float32)  # [K, h * w]
+    return maps.reshape(dim, -1) @ cell_weights.T  # [P, K]
 
 
 class RegionProjector:

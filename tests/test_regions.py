@@ -71,6 +71,24 @@ def test_region_embeddings_equal_the_normalized_naive_mean():
         region_embeddings(embeddings[:, :8], segments)
 
 
+def test_decoder_resolution_region_embeddings_equal_those_of_the_upsampled_map(monkeypatch):
+    """A map at the decoder's resolution: the cell-weight path and the chunked-upsampling
+    path both give the mean of ``BayesianSegmenter.upsample``'s output over each region."""
+    import model.regions as regions
+
+    generator = torch.Generator().manual_seed(1)
+    embeddings = torch.randn(8, 6, 7, generator=generator)  # [P, h, w] covering a 24 x 28 grid
+    segments = np.random.default_rng(1).integers(0, 9, size=(21, 26)).astype(np.int32)  # cropped image
+    upsampled = torch.nn.functional.interpolate(embeddings[None], size=(24, 28), mode="bilinear",
+                                                align_corners=False)[0, :, :21, :26]  # fmt: skip
+    expected = region_embeddings(upsampled, segments)
+    fast = region_embeddings(embeddings, segments, grid_size=(24, 28))
+    monkeypatch.setattr(regions, "MAX_REGION_CELL_WEIGHTS", 0)  # the path large images take
+    chunked = region_embeddings(embeddings, segments, grid_size=(24, 28))
+    np.testing.assert_allclose(fast, expected, atol=1e-5)
+    np.testing.assert_allclose(chunked, expected, atol=1e-5)
+
+
 def blobs():
     """Three tight, far-apart blobs of five regions each in 2-D, and random informativeness."""
     rng = np.random.default_rng(0)
