@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from model import acquisition_names
 
+from .launcher import check_command_template
 from .urls import UnsafeURL, normalize_host, parse_target
 
 
@@ -46,6 +47,8 @@ class Settings:
     train_steps: int = 300  # SEGAL_TRAIN_STEPS
     train_batch_size: int = 4  # SEGAL_TRAIN_BATCH_SIZE
     train_crop: int = 512  # SEGAL_TRAIN_CROP: square training crop side (smaller images are padded)
+    train_procs: int | None = None  # SEGAL_TRAIN_PROCS: auto (None: one per visible GPU, 1 on CPU) | N processes
+    train_command: str = ""  # SEGAL_TRAIN_COMMAND: launch runs with this ({manifest}, {procs}, {python}); "": local
     arch: str = "deeplabv3plus"  # SEGAL_ARCH: any segmentation-models-pytorch architecture
     encoder: str = "tu-tf_efficientnet_lite0"  # SEGAL_ENCODER
     encoder_weights: str | None = "packaged"  # SEGAL_ENCODER_WEIGHTS: packaged | imagenet | none
@@ -99,6 +102,8 @@ class Settings:
             train_steps=reader.integer("SEGAL_TRAIN_STEPS", 300, 1, 1_000_000),
             train_batch_size=reader.integer("SEGAL_TRAIN_BATCH_SIZE", 4, 2, 1_024),
             train_crop=reader.integer("SEGAL_TRAIN_CROP", 512, 32, 8_192),
+            train_procs=reader.auto_or_integer("SEGAL_TRAIN_PROCS", 1, 1_024),
+            train_command=reader.command("SEGAL_TRAIN_COMMAND"),
             arch=env.get("SEGAL_ARCH") or "deeplabv3plus",
             encoder=env.get("SEGAL_ENCODER") or "tu-tf_efficientnet_lite0",
             encoder_weights=reader.choice(
@@ -144,6 +149,15 @@ class _Reader:
         if not low <= value <= high:
             raise ConfigError(f"{name}={value} is outside {low}..{high}.")
         return value
+
+    def auto_or_integer(self, name: str, low: int, high: int) -> int | None:
+        """auto (the default): None; else an integer in low..high."""
+        if self.env.get(name, "").strip().lower() in ("", "auto"):
+            return None
+        return self.integer(name, 0, low, high)
+
+    def command(self, name: str) -> str:
+        return check_command_template(name, self.env.get(name, ""), ConfigError)
 
     def switch_or_count(self, name: str) -> int | None:
         """on (the default): None, no cap; off: 0; a positive integer: that cap."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -30,8 +31,11 @@ from model.files import remove_interrupted_writes
 from model.network import BayesianSegmenter
 from model.regions import RegionProjector
 
+from .runs import TrainingLock
+
 log = logging.getLogger(__name__)
 _VERSION_FILE = re.compile(r"^model-v(\d+)\.pt$")
+PICK_UP_SECONDS = 10.0  # how often a served project's folder is checked for another replica's new version
 MAX_PROJECT_ID_DIGITS = 18  # Label Studio's ids are 64-bit integers; more digits is not an id
 _PROJECT_ID = re.compile(r"[0-9]{1,%d}" % MAX_PROJECT_ID_DIGITS)  # ASCII digits only, unlike str.isdigit
 
@@ -51,7 +55,7 @@ def prepare_model_dir(model_dir: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-check.{uuid.uuid4().hex}.tmp"
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as error:
         kind = "not a directory" if folder.exists() and not folder.is_dir() else "not a writable directory"
         raise ModelDirError(
@@ -91,9 +95,19 @@ class ModelStore:
         self._lock = threading.Lock()  # guards _served and _loading; never held while loading
         self._loading: dict[str, threading.Lock] = {}  # per project: one load or publish at a time
         self._unreadable: set[Path] = set()  # checkpoints a load found broken: never named as current
+        self._checked: dict[str, float] = {}  # per project: when the folder was last looked at for newer versions
+        self._picking_up: set[str] = set()  # projects whose newer version is loading in the background
         prepare_model_dir(self.model_dir)
-        for folder in [self.model_dir, *self._project_folders()]:
-            remove_interrupted_writes(folder)  # from a kill or a full disk during a save
+        remove_interrupted_writes(self.model_dir)
+        for folder in self._project_folders():  # from a kill or a full disk during a save
+            lock = TrainingLock(folder)  # a replica sharing MODEL_DIR may be saving there right now
+            try:
+                if lock.try_acquire():
+                    remove_interrupted_writes(folder)
+            except OSError as error:
+                log.warning("%s: could not look for interrupted writes: %s", folder, error)
+            finally:
+                lock.release()
 
     def project_dir(self, project: str) -> Path:
         if not is_project_id(project):
@@ -117,11 +131,14 @@ class ModelStore:
         """The served model of a project, loading the newest good checkpoint on first use.
 
         Loading (a checkpoint, ``import umap`` and the projector's warm-up: seconds) holds
-        only that project's lock, so requests for other projects are not held up.
+        only that project's lock, so requests for other projects are not held up. A version
+        that another replica sharing MODEL_DIR published is picked up within
+        ``PICK_UP_SECONDS``, loaded in the background while the loaded one keeps serving.
         """
         with self._lock:
             served = self._served.get(project)
         if served is not None:
+            self._pick_up_newer(project, served)
             return served
         with self._project_lock(project):
             with self._lock:
@@ -131,6 +148,53 @@ class ModelStore:
                 with self._lock:
                     self._served[project] = served
             return served
+
+    def refresh(self, project: str) -> ServedModel:
+        """Serve the newest loadable checkpoint on disk when it is newer than the served one
+        (published by another replica); returns the served model."""
+        with self._project_lock(project):
+            with self._lock:
+                served = self._served.get(project)
+            if served is not None and self._newest_on_disk(project) <= served.version:
+                return served
+            loaded = self._load_latest(project)
+            if served is None or loaded.version > served.version:
+                if served is not None:
+                    log.info("project %s: serving %s, published by another replica", project, loaded.name)
+                with self._lock:
+                    self._served[project] = served = loaded
+            return served
+
+    def _newest_on_disk(self, project: str) -> int:
+        folder = self.project_dir(project)
+        readable = [v for v in self.versions(project) if folder / f"model-v{v}.pt" not in self._unreadable]
+        return readable[-1] if readable else 0
+
+    def _pick_up_newer(self, project: str, served: ServedModel) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked.get(project, 0.0) < PICK_UP_SECONDS or project in self._picking_up:
+                return
+            self._checked[project] = now
+        try:
+            newer = self._newest_on_disk(project) > served.version
+        except OSError:
+            return
+        if not newer:
+            return
+        with self._lock:
+            self._picking_up.add(project)
+
+        def pick_up() -> None:
+            try:
+                self.refresh(project)
+            except Exception:  # noqa: BLE001 - the loaded version keeps serving
+                log.exception("project %s: could not load the newer version on disk", project)
+            finally:
+                with self._lock:
+                    self._picking_up.discard(project)
+
+        threading.Thread(target=pick_up, name=f"pick-up-{project}", daemon=True).start()
 
     def current_name(self, project: str) -> str:
         """The version name without loading anything (for /setup, which Label Studio gives 3 s):

@@ -8,6 +8,19 @@ A failed job leaves the previous version serving; its error is kept for /health.
 A run trains the student with CE + lambda * InfoNCE against the project's memory bank
 (paper 004), publishes the EMA teacher, and fits the region projector (UMAP on the bank)
 before publishing, so that no request ever waits for a UMAP fit.
+
+The training itself runs in a process of its own (``segal-train`` on a run folder:
+``backend.runs``, ``backend.launcher``), alone or as SEGAL_TRAIN_PROCS DistributedDataParallel
+ranks under torchrun, so that a crash or an out-of-memory kill of the training costs the run,
+not the server. The rest (collecting, the projector fit, the score scale, publishing) stays
+here. The projector is fitted here, not in the training process: UMAP's numba code compiles
+in every fresh process (40 s and more), once per server here (a few seconds a fit after that),
+the bank it is fitted on is small (at most 1000 vectors per class), and the serving process
+must compile UMAP's transform anyway.
+
+Replicas sharing MODEL_DIR take the project's training lock (``backend.runs.TrainingLock``)
+for a run; one that finds it taken waits ("training running in another replica"), then
+trains on the annotations as they are then, from the version the other replica published.
 """
 
 from __future__ import annotations
@@ -24,9 +37,9 @@ import torch
 from model.calibration import ScoreScale
 from model.contrastive import MemoryBank
 from model.data import IGNORE_INDEX
-from model.network import BayesianSegmenter, ModelConfig, build_model
+from model.network import BayesianSegmenter, ModelConfig
 from model.regions import RegionProjector
-from model.training import TrainConfig, train
+from model.training import TrainConfig
 
 from .config import Settings
 from .convert import annotation_to_labels
@@ -35,14 +48,16 @@ from .jobs import wait_for_job
 from .label_config import LabelSchema, parse_label_config
 from .labelstudio import LabelStudioProject
 from .predictor import working_resolution
-from .store import ModelStore, ServedModel
+from .runs import RUNS_DIR, TrainingFailed, TrainingLock, clean_stale_runs, run_training
+from .store import ModelStore, ServedModel, is_project_id
 
 log = logging.getLogger(__name__)
+LOCK_POLL_SECONDS = 2.0  # while another replica trains the project: how often its lock is tried
 
 
 @dataclass
 class TrainingState:
-    status: str = "idle"  # idle | running | succeeded | failed
+    status: str = "idle"  # idle | waiting (another replica trains the project) | running | succeeded | failed
     phase: str = ""  # while running: collecting | training | fitting region projector | calibrating scores | saving
     reason: str = ""  # what asked for the current / last run
     step: int = 0
@@ -60,6 +75,8 @@ class TrainingState:
     runs: int = 0
     follow_up_queued: bool = False
     annotations_since_training: int = 0
+    processes: int = 0  # training processes of the current / last run (DDP ranks)
+    pid: int | None = None  # while training: the training process (torchrun with several)
 
     def snapshot(self) -> dict:
         return asdict(self)
@@ -120,6 +137,25 @@ class Trainer:
         self.listener = listener or TrainingListener()
         self._projects: dict[str, _Project] = {}
         self._lock = threading.Lock()
+        self.lock_poll_seconds = LOCK_POLL_SECONDS
+        self._clean_stale_runs()
+
+    def _clean_stale_runs(self) -> None:
+        """Run folders (and trainer processes) a dead backend left; projects another replica is
+        training keep theirs."""
+        try:
+            folders = [p for p in self.store.model_dir.iterdir() if is_project_id(p.name) and (p / RUNS_DIR).is_dir()]
+        except OSError:
+            return
+        for folder in folders:
+            lock = TrainingLock(folder)
+            try:
+                if lock.try_acquire():
+                    clean_stale_runs(folder)
+            except OSError as error:
+                log.warning("project %s: could not clean its stale training runs: %s", folder.name, error)
+            finally:
+                lock.release()
 
     def _project(self, project: str) -> _Project:
         return self._projects.setdefault(project, _Project())
@@ -186,16 +222,40 @@ class Trainer:
             state.seconds_per_step = state.eta_seconds = None
             state.annotations_since_training = 0
             state.runs += 1
+            state.pid, state.processes = None, 0
+        lock = TrainingLock(self.store.project_dir(project))
         try:
+            self._take_lock(project, lock, state)
             version = self.train_once(project, state)
         except Exception as error:  # noqa: BLE001 - a failed run must never take the server down
-            log.exception("project %s: training failed; the previous model keeps serving", project)
+            if isinstance(error, TrainingFailed):  # its message says it all; no traceback of this thread
+                log.error("project %s: training failed; the previous model keeps serving: %s", project, error)
+            else:
+                log.exception("project %s: training failed; the previous model keeps serving", project)
             with self._lock:
                 state.status, state.error, state.finished_at = "failed", f"{type(error).__name__}: {error}", time.time()
-                state.phase = ""
+                state.phase, state.pid = "", None
             return
+        finally:
+            lock.release()
         with self._lock:
             state.status, state.version, state.finished_at = "succeeded", version, time.time()
+
+    def _take_lock(self, project: str, lock: TrainingLock, state: TrainingState) -> None:
+        """Hold the project's training lock; while another replica holds it, wait and say so."""
+        waited = False
+        while not lock.try_acquire():
+            if not waited:
+                log.info("project %s: training running in another replica (%s); waiting for it", project, lock.holder())
+            waited = True
+            with self._lock:
+                state.status, state.phase = "waiting", f"training running in another replica ({lock.holder()})"
+            time.sleep(self.lock_poll_seconds)
+        with self._lock:
+            state.status, state.phase = "running", ""
+            state.started_at = time.time()
+        if waited:
+            self.store.refresh(project)  # continue from the version the other replica published
 
     def _schema(self, project: str) -> LabelSchema:
         try:
@@ -250,22 +310,15 @@ class Trainer:
             state.images = len(samples)
             state.labeled_pixels = int(sum(int((labels != IGNORE_INDEX).sum()) for _, labels in samples))
             state.skipped_regions = skipped
-        model = build_model(
-            ModelConfig(
-                num_classes=len(schema.classes),
-                arch=settings.arch,
-                encoder=settings.encoder,
-                encoder_weights=settings.encoder_weights,
-                dropout=settings.dropout,
-            )
+        model_config = ModelConfig(
+            num_classes=len(schema.classes),
+            arch=settings.arch,
+            encoder=settings.encoder,
+            encoder_weights=settings.encoder_weights,
+            dropout=settings.dropout,
         )
         served = self.store.current(project)
-        memory_bank = None
-        if served.model is not None and served.classes == schema.classes:
-            _continue_from(model, served.model)
-            if served.memory_bank is not None:  # a copy: the served one stays as it was saved
-                memory_bank = MemoryBank.from_state_dict(served.memory_bank.state_dict())
-        model.to(self.store.device)
+        warm_start = served.model is not None and served.classes == schema.classes
         crop = (
             min(settings.train_crop, max(image.shape[-2] for image, _ in samples)),
             min(settings.train_crop, max(image.shape[-1] for image, _ in samples)),
@@ -278,30 +331,46 @@ class Trainer:
             contrastive_weight=settings.contrastive_weight,
             ema_decay=settings.ema_decay,
         )
+        procs = train_processes(settings, self.store.device, config.batch_size)
         log.info(
-            "project %s: training on %d images, %d labeled pixels, %d steps",
-            project, state.images, state.labeled_pixels, config.steps,
+            "project %s: training on %d images, %d labeled pixels, %d steps, %d process(es)",
+            project, state.images, state.labeled_pixels, config.steps, procs,
         )
 
-        training_started = time.monotonic()
-
-        def progress(step: int, total: int, loss: float) -> None:
-            per_step = (time.monotonic() - training_started) / max(step, 1)
+        def follow(record: dict) -> None:
+            """A record of the training process's progress file (backend.train_job)."""
             with self._lock:
+                if record.get("event") == "started":
+                    state.total_steps = record.get("total", config.steps)
+                    state.processes = record.get("processes", procs)
+                if record.get("event") != "step":
+                    return
+                step, total, loss = record["step"], record["total"], record["loss"]
                 state.step, state.total_steps, state.loss = step, total, loss
-                state.seconds_per_step = round(per_step, 2)
-                state.eta_seconds = round(per_step * (total - step), 1)
+                state.seconds_per_step = round(record["seconds_per_step"], 2)
+                state.eta_seconds = record["eta_seconds"]
             if step % 10 == 0 or step == total:
                 log.info("project %s: step %d/%d loss %.4f", project, step, total, loss)
 
+        def started(process) -> None:
+            with self._lock:
+                state.pid, state.processes = process.pid, procs
+
         self._phase(state, "training")
-        result = train(model, samples, config, progress, memory_bank=memory_bank)
+        result = TrainedRun(*run_training(
+            self.store.project_dir(project), classes=schema.classes, model_config=model_config, train_config=config,
+            samples=samples, device=str(self.store.device),
+            init_checkpoint=self.store.project_dir(project) / f"model-v{served.version}.pt" if warm_start else None,
+            procs=procs, command_template=settings.train_command, on_record=follow, on_start=started,
+        ))  # fmt: skip
+        with self._lock:
+            state.pid = None
         projector = None
         if result.memory_bank is not None:
             self._phase(state, "fitting region projector")
             projector = self._fit_projector(project, result.memory_bank)
         self._phase(state, "calibrating scores")
-        teacher = result.teacher if result.teacher is not None else model
+        teacher = result.model
         candidate = ServedModel(teacher.eval(), 0, schema.classes, {}, result.memory_bank, projector)
         try:
             scale = self.listener.fit_score_scale(project, candidate, schema, samples)
@@ -316,20 +385,22 @@ class Trainer:
             extra={
                 "images": state.images,
                 "labeled_pixels": state.labeled_pixels,
-                "steps": result.steps,
-                "final_loss": result.losses[-1] if result.losses else None,
-                "final_contrastive_loss": result.contrastive_losses[-1] if result.contrastive_losses else None,
-                "served": "ema_teacher" if result.teacher is not None else "student",
+                "steps": result.summary.get("steps"),
+                "final_loss": result.summary.get("final_loss"),
+                "final_contrastive_loss": result.summary.get("final_contrastive_loss"),
+                "served": result.summary.get("served"),
                 "memory_bank_vectors": len(result.memory_bank) if result.memory_bank is not None else 0,
                 "projector_fit_seconds": round(projector.fit_seconds, 1) if projector is not None else None,
-                "seconds": round(result.seconds, 1),
+                "seconds": result.summary.get("seconds"),
+                "train_processes": result.summary.get("processes"),
+                "precision": result.summary.get("precision"),
                 "score_scale": scale.to_dict() if scale is not None else None,
             },
             memory_bank=result.memory_bank,
             projector=projector,
         )
         self._phase(state, "")
-        log.info("project %s: published %s (%.0f s)", project, served.name, result.seconds)
+        log.info("project %s: published %s (training %s s)", project, served.name, result.summary.get("seconds"))
         return served.version
 
     def _fit_projector(self, project: str, memory_bank: MemoryBank) -> RegionProjector | None:
@@ -347,13 +418,30 @@ class Trainer:
         return projector
 
 
-def _continue_from(model: BayesianSegmenter, served: BayesianSegmenter) -> None:
-    """Start from the served weights; a served model from before the projection head leaves
-    the new head at its initialization."""
-    missing, unexpected = model.load_state_dict(served.state_dict(), strict=False)
-    new_head = all(name.startswith("projection.") for name in missing)
-    if unexpected or not new_head:
-        raise ValueError(
-            f"The served model does not fit the configured network (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); was SEGAL_ARCH or SEGAL_ENCODER changed? Move the old model-v*.pt files away."
+@dataclass
+class TrainedRun:
+    """What a training process produced: the network to serve, its bank, its summary."""
+
+    model: BayesianSegmenter
+    memory_bank: MemoryBank | None
+    summary: dict  # steps, final_loss, final_contrastive_loss, served, seconds, processes, precision
+
+
+def train_processes(settings: Settings, device: torch.device, batch_size: int) -> int:
+    """How many training processes a run gets: SEGAL_TRAIN_PROCS, by default one per visible
+    GPU on CUDA (one on CPU or a named GPU), capped so that the global batch splits evenly
+    with at least 2 images per process on CPU (1 on CUDA, where SyncBatchNorm spans them)."""
+    wanted = settings.train_procs
+    if wanted is None:
+        wanted = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 1
+    per_process = 1 if device.type == "cuda" else 2
+    usable = max(
+        (n for n in range(1, max(wanted, 1) + 1) if batch_size % n == 0 and batch_size // n >= per_process), default=1
+    )
+    if usable < wanted:
+        log.warning(
+            "training on %d of the %d processes asked for: a global batch of %d (SEGAL_TRAIN_BATCH_SIZE) splits "
+            "into at most %d shares of %d+ images; raise SEGAL_TRAIN_BATCH_SIZE to use more",
+            usable, wanted, batch_size, usable, per_process,
         )
+    return usable
