@@ -37,6 +37,7 @@ JOB_MODULE = "backend.train_job"
 _PR_SET_PDEATHSIG = 1
 _ERROR_PREFIX = "segal-train: error: "  # backend.train_job.ERROR_PREFIX (not imported: it pulls in torch)
 _TORCHRUN_WORKER_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
+_TORCHRUN_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
 _TAIL_LINES = 6
 _TAIL_CHARS = 800
 
@@ -209,10 +210,12 @@ class TrainingProcess:
         else:
             how = f"exited with code {returncode}"
         tail = self.log_tail()
-        workers = [int(code) for line in tail for code in _TORCHRUN_WORKER_EXIT.findall(line)]
-        killed_workers = sorted({_signal_name(-code) for code in workers if code < 0})
-        if killed_workers:
-            how += f"; a rank was killed by {', '.join(killed_workers)}"
+        root_rank, root_code = _torchrun_root_cause(tail)
+        if root_code is not None and root_code < 0:  # the others' errors only follow from it
+            reason = f"rank {root_rank} was killed by {_signal_name(-root_code)}"
+            if -root_code == signal.SIGKILL:
+                reason += " (the kernel's out-of-memory killer sends SIGKILL too: see `dmesg`)"
+            return f"the training process {how}: {reason}"
         reason = self.failed_event.get("error") if self.failed_event else None
         if not reason:
             reason = next((line.split(_ERROR_PREFIX, 1)[1] for line in reversed(tail) if _ERROR_PREFIX in line), None)
@@ -220,6 +223,20 @@ class TrainingProcess:
             reason = "last lines of its output: " + " | ".join(line.strip() for line in tail[-_TAIL_LINES:])
             reason = reason[-_TAIL_CHARS:] if tail else "it wrote no output"
         return f"the training process {how}: {reason}"
+
+
+def _torchrun_root_cause(lines: list[str]) -> tuple[str | None, int | None]:
+    """(rank, exit code) of the "Root Cause (first observed failure)" in torchrun's report."""
+    starts = [index for index, line in enumerate(lines) if "Root Cause" in line]
+    if not starts:
+        return None, None
+    rank, code = None, None
+    for line in lines[starts[-1] :]:
+        if rank is None and (match := _TORCHRUN_RANK.search(line)):
+            rank = match.group(1)
+        if code is None and (match := _TORCHRUN_WORKER_EXIT.search(line)):
+            code = int(match.group(1))
+    return rank, code
 
 
 def _signal_name(number: int) -> str:

@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="override the manifest's device (cpu, cuda); under torchrun each rank "
                         "takes cuda:LOCAL_RANK")  # fmt: skip
     args = parser.parse_args(argv)
-    die_with_parent()  # a rank started by torchrun: gone with torchrun, even after a SIGKILL
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun: gone with torchrun, even after a SIGKILL
+        die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(run(args.manifest, args.device))
 
