@@ -230,7 +230,8 @@ def test_no_orphan_trainers(tmp_path, sparse_frames):
 
 
 def test_a_failing_run_says_why_without_a_traceback(tmp_path, sparse_frames):
-    """An error inside the training process comes back as its one-line reason."""
+    """An error inside the training process comes back as its one-line reason (the run
+    started through a SEGAL_TRAIN_COMMAND template, as a cluster launcher would be)."""
     project_dir = tmp_path / "models" / "4"
     project_dir.mkdir(parents=True)
     (project_dir / "model-v1.pt").write_bytes(b"not a checkpoint")
@@ -239,7 +240,8 @@ def test_a_failing_run_says_why_without_a_traceback(tmp_path, sparse_frames):
         train_config=TrainConfig(steps=2, batch_size=2, crop_size=(64, 64)), samples=sparse_frames[:2], device="cpu",
         init_checkpoint=project_dir / "model-v1.pt",
     )  # fmt: skip
-    process = TrainingProcess(manifest).start()
+    process = TrainingProcess(manifest, command_template="{python} -m backend.train_job {manifest}").start()
+    assert process.argv == [sys.executable, "-m", "backend.train_job", str(manifest.resolve())]
     code = process.wait(120)
     message = process.failure(code)
     assert code == 1 and "exited with code 1" in message and "is not a readable checkpoint" in message, message
