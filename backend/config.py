@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from model import acquisition_names
+from model.training import PRECISIONS
 
 from .launcher import check_command_template
 from .urls import UnsafeURL, normalize_host, parse_target
@@ -44,7 +45,9 @@ class Settings:
     max_side: int = 1024  # SEGAL_MAX_SIDE: images are downscaled to this longest side for the model
     train_every: int = 0  # SEGAL_TRAIN_EVERY: retrain every N new annotations (0: only on "Start training")
     score_pool: int | None = None  # SEGAL_SCORE_POOL: on (None: every task) | off (0) | N tasks per job
-    train_steps: int = 300  # SEGAL_TRAIN_STEPS
+    train_steps: int | None = None  # SEGAL_TRAIN_STEPS: auto (None: scaled to the labeled images) | N
+    train_precision: str = "auto"  # SEGAL_TRAIN_PRECISION: auto | fp32 | bf16 | fp16 (CUDA)
+    train_channels_last: bool = True  # SEGAL_TRAIN_CHANNELS_LAST: on | off
     train_batch_size: int = 4  # SEGAL_TRAIN_BATCH_SIZE
     train_crop: int = 512  # SEGAL_TRAIN_CROP: square training crop side (smaller images are padded)
     train_procs: int | None = None  # SEGAL_TRAIN_PROCS: auto (None: one per visible GPU, 1 on CPU) | N processes
@@ -99,7 +102,9 @@ class Settings:
             max_side=reader.integer("SEGAL_MAX_SIDE", 1024, 32, 16_384),
             train_every=reader.integer("SEGAL_TRAIN_EVERY", 0, 0, 1_000_000),
             score_pool=reader.switch_or_count("SEGAL_SCORE_POOL"),
-            train_steps=reader.integer("SEGAL_TRAIN_STEPS", 300, 1, 1_000_000),
+            train_steps=reader.auto_or_integer("SEGAL_TRAIN_STEPS", 1, 1_000_000),
+            train_precision=reader.choice("SEGAL_TRAIN_PRECISION", "auto", PRECISIONS),
+            train_channels_last=reader.on_off("SEGAL_TRAIN_CHANNELS_LAST", True),
             train_batch_size=reader.integer("SEGAL_TRAIN_BATCH_SIZE", 4, 2, 1_024),
             train_crop=reader.integer("SEGAL_TRAIN_CROP", 512, 32, 8_192),
             train_procs=reader.auto_or_integer("SEGAL_TRAIN_PROCS", 1, 1_024),
@@ -155,6 +160,16 @@ class _Reader:
         if self.env.get(name, "").strip().lower() in ("", "auto"):
             return None
         return self.integer(name, 0, low, high)
+
+    def on_off(self, name: str, default: bool) -> bool:
+        raw = self.env.get(name, "").strip().lower()
+        if not raw:
+            return default
+        if raw in ("on", "true", "yes", "1"):
+            return True
+        if raw in ("off", "false", "no", "0"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not on or off.")
 
     def command(self, name: str) -> str:
         return check_command_template(name, self.env.get(name, ""), ConfigError)

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from model.regions import umap_is_warm, warm_up_umap
+
 from .config import Settings
 from .images import ImageFetcher
 from .label_config import LabelSchema, parse_label_config
@@ -109,6 +111,12 @@ class ActiveLearningBackend:
                 continue
             if self.settings.label_studio_url and self.settings.label_studio_api_key:
                 self.pool.connected(project)  # resume scoring the pool without waiting for a /setup
+        if self.settings.contrastive_weight > 0:
+            # numba compiles UMAP at a process's first fit (40-60 s on 2 cores, only partly
+            # cached on disk): pay it now, so the fit after a training run takes seconds
+            seconds = warm_up_umap()
+            if seconds:
+                log.info("region projector (UMAP) code compiled in %.1f s", seconds)
 
     # -- Label Studio API -----------------------------------------------------------------
 
@@ -245,6 +253,9 @@ class ActiveLearningBackend:
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "device": str(self.device),
             "acquisition": self.settings.acquisition,
+            # False for the first minute after start-up: a training run that ends before it is
+            # True pays the compilation in its projector fit
+            "umap_compiled": umap_is_warm(),
             "projects": projects,
             **counters,
         }

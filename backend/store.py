@@ -246,7 +246,7 @@ class ModelStore:
         except (ValueError, OSError) as error:
             log.error("project %s: unreadable region projector %s (%s); regions ranked by entropy", project, path, error)
             return None
-        projector.warm_up()  # UMAP's search compiles here (seconds), not in the first request's transform
+        projector.warm_up()
         return projector
 
     def publish(

@@ -38,8 +38,8 @@ from model.calibration import ScoreScale
 from model.contrastive import MemoryBank
 from model.data import IGNORE_INDEX
 from model.network import BayesianSegmenter, ModelConfig
-from model.regions import RegionProjector
-from model.training import TrainConfig
+from model.regions import RegionProjector, warm_up_umap
+from model.training import TrainConfig, auto_steps
 
 from .config import Settings
 from .convert import annotation_to_labels
@@ -218,7 +218,7 @@ class Trainer:
         state = self._project(project).state
         with self._lock:
             state.started_at, state.finished_at, state.error = time.time(), None, None
-            state.step, state.total_steps, state.loss = 0, self.settings.train_steps, None
+            state.step, state.total_steps, state.loss = 0, self.settings.train_steps or 0, None
             state.seconds_per_step = state.eta_seconds = None
             state.annotations_since_training = 0
             state.runs += 1
@@ -319,18 +319,7 @@ class Trainer:
         )
         served = self.store.current(project)
         warm_start = served.model is not None and served.classes == schema.classes
-        crop = (
-            min(settings.train_crop, max(image.shape[-2] for image, _ in samples)),
-            min(settings.train_crop, max(image.shape[-1] for image, _ in samples)),
-        )
-        config = TrainConfig(
-            steps=settings.train_steps,
-            batch_size=settings.train_batch_size,
-            crop_size=crop,
-            seed=settings.seed,
-            contrastive_weight=settings.contrastive_weight,
-            ema_decay=settings.ema_decay,
-        )
+        config = train_config(settings, samples, warm_start=warm_start)
         procs = train_processes(settings, self.store.device, config.batch_size)
         log.info(
             "project %s: training on %d images, %d labeled pixels, %d steps, %d process(es)",
@@ -405,17 +394,39 @@ class Trainer:
 
     def _fit_projector(self, project: str, memory_bank: MemoryBank) -> RegionProjector | None:
         vectors, _ = memory_bank.vectors()
+        warm_up_umap()  # no-op once the server's start-up warm-up ran (it waits for one under way)
         try:
             projector = RegionProjector.fit(vectors.cpu().numpy(), seed=self.settings.seed)
         except ValueError as error:  # e.g. too few correctly classified labeled pixels yet
             log.warning("project %s: no region projector this time (%s); regions ranked by entropy", project, error)
             return None
-        projector.warm_up()  # compile the transform here, in the training thread, not in a request
         log.info(
             "project %s: region projector fitted on %d bank vectors in %.1f s",
             project, len(vectors), projector.fit_seconds,
         )
         return projector
+
+
+def train_config(settings: Settings, samples, warm_start: bool) -> TrainConfig:
+    """The TrainConfig of a run on `samples` ``[(image [3, H, W], labels [H, W])]``; `warm_start`:
+    it continues from the served model (fewer steps under the automatic schedule)."""
+    crop = (
+        min(settings.train_crop, max(image.shape[-2] for image, _ in samples)),
+        min(settings.train_crop, max(image.shape[-1] for image, _ in samples)),
+    )
+    steps = settings.train_steps
+    if steps is None:
+        steps = auto_steps(len(samples), settings.train_batch_size, warm_start)
+    return TrainConfig(
+        steps=steps,
+        batch_size=settings.train_batch_size,
+        crop_size=crop,
+        seed=settings.seed,
+        contrastive_weight=settings.contrastive_weight,
+        ema_decay=settings.ema_decay,
+        precision=settings.train_precision,
+        channels_last=settings.train_channels_last,
+    )
 
 
 @dataclass

@@ -128,6 +128,25 @@ class TrainConfig:
         )
 
 
+# The backend's schedule when SEGAL_TRAIN_STEPS is not set: steps grow with the labeled images
+# (about AUTO_EPOCHS passes over them) within [min, max]; a run that continues from the served
+# model needs fewer. Chosen from measured mIoU / time curves on CamVid (README, "Training speed").
+AUTO_EPOCHS = 50
+AUTO_MIN_STEPS = 60
+AUTO_MAX_STEPS = 1500
+WARM_START_FRACTION = 0.5
+
+
+def auto_steps(num_images: int, batch_size: int, warm_start: bool) -> int:
+    """Optimizer steps for a run on `num_images` labeled images (see AUTO_EPOCHS)."""
+    if num_images < 1 or batch_size < 1:
+        raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}.")
+    steps = AUTO_EPOCHS * math.ceil(num_images / batch_size)
+    if warm_start:
+        steps = round(steps * WARM_START_FRACTION)
+    return int(min(AUTO_MAX_STEPS, max(AUTO_MIN_STEPS, steps)))
+
+
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per optimizer step (the total loss)

@@ -110,6 +110,17 @@ def test_settings_and_label_config_errors_name_the_fix():
         Settings.from_env({"BASIC_AUTH_USER": "ann"})
     with pytest.raises(ConfigError, match="LABEL_STUDIO_URL"):
         Settings.from_env({"LABEL_STUDIO_URL": "localhost:8080"})
+    with pytest.raises(ConfigError, match="SEGAL_TRAIN_PRECISION"):
+        Settings.from_env({"SEGAL_TRAIN_PRECISION": "half"})
+    with pytest.raises(ConfigError, match="SEGAL_TRAIN_CHANNELS_LAST"):
+        Settings.from_env({"SEGAL_TRAIN_CHANNELS_LAST": "maybe"})
+    with pytest.raises(ConfigError, match="SEGAL_TRAIN_STEPS"):
+        Settings.from_env({"SEGAL_TRAIN_STEPS": "lots"})
+    defaults = Settings.from_env({})
+    assert (defaults.train_steps, defaults.train_precision, defaults.train_channels_last) == (None, "auto", True)
+    chosen = Settings.from_env({"SEGAL_TRAIN_STEPS": "120", "SEGAL_TRAIN_PRECISION": "FP32",
+                                "SEGAL_TRAIN_CHANNELS_LAST": "off"})  # fmt: skip
+    assert (chosen.train_steps, chosen.train_precision, chosen.train_channels_last) == (120, "fp32", False)
     with pytest.raises(LabelConfigError, match="not valid XML"):
         parse_label_config("<View><Image")
     schema = parse_label_config(

@@ -107,3 +107,53 @@ def test_bad_input_raises_clear_errors(sparse_camvid):
         TrainConfig(batch_size=1)
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")
+
+
+def test_bf16_autocast_trains_like_fp32(sparse_camvid):
+    """The same run in bf16 autocast (channels-last) and in fp32 (contiguous): the labeled
+    pixels' cross-entropy falls in both, and the first step's loss differs by rounding only;
+    the returned model is contiguous and fp32 again."""
+    from model.training import bf16_is_native
+
+    if not bf16_is_native(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX); autocast would be emulated")
+    runs = {}
+    for precision, channels_last in (("fp32", False), ("bf16", True)):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES)))  # packaged ImageNet encoder
+        config = TrainConfig(steps=30, batch_size=2, crop_size=(180, 240), seed=0, precision=precision,
+                             channels_last=channels_last)  # fmt: skip
+        before = _labeled_loss(model, sparse_camvid)
+        result = train(model, sparse_camvid, config)
+        after = _labeled_loss(model, sparse_camvid)  # fp32, eval, whole images
+        assert result.precision == precision
+        assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+        assert all(p.is_contiguous() for p in result.teacher.parameters())
+        assert result.memory_bank.features.dtype == torch.float32
+        runs[precision] = result.losses
+        assert after < 0.9 * before, (precision, before, after)
+    # the first step starts from the same weights and batch: rounding is all that differs
+    assert abs(runs["bf16"][0] - runs["fp32"][0]) < 0.05 * runs["fp32"][0]
+
+
+def test_precision_is_resolved_for_the_device_or_refused_clearly():
+    from model.training import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) in ("bf16", "fp32")
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="int8")
+
+
+def test_automatic_schedule_grows_with_the_labeled_images_and_shrinks_when_warm():
+    from model.training import AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps
+
+    assert auto_steps(1, 4, warm_start=False) == AUTO_MIN_STEPS
+    cold = [auto_steps(n, 4, warm_start=False) for n in (8, 40, 400, 100_000)]
+    assert cold == sorted(cold) and cold[-1] == AUTO_MAX_STEPS
+    assert auto_steps(40, 4, warm_start=True) < auto_steps(40, 4, warm_start=False)
+    with pytest.raises(ValueError):
+        auto_steps(0, 4, warm_start=False)

@@ -1,0 +1,111 @@
+"""/predict of one 480x360 CamVid task with a trained model, against one plain forward.
+
+    ./run.sh bench-predict [--repeats 9]
+
+Trains the default network briefly on the benchmark's 8 labeled images (scripts/train_benchmark.py),
+fits the region projector on its memory bank and publishes it as a project's version, the
+way a training run does. Then, in rounds, times in one process: a plain forward of the served
+model (eval, no dropout sampling) as it is served, the same forward in the contiguous memory
+layout (what the ratio was measured against before), and /predict through the backend's
+WSGI app (JSON in and out, the image served over HTTP on loopback and cached after the first
+request, as on a re-request) with a keypoints-only and a keypoints + brush label config.
+Prints medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from train_benchmark import CAMVID, REPO, default_model, labeled_set
+
+sys.path.insert(0, str(REPO / "tests"))
+
+from loopback import RecordingServer  # noqa: E402
+from ls_harness import camvid_label_config  # noqa: E402
+
+from backend.app import create_app  # noqa: E402
+from backend.config import Settings  # noqa: E402
+from backend.service import ActiveLearningBackend  # noqa: E402
+from model.data import CAMVID_CLASSES  # noqa: E402
+from model.regions import RegionProjector  # noqa: E402
+from model.training import TrainConfig, train  # noqa: E402
+
+KEYPOINTS_ONLY = (
+    '<View><Image name="image" value="$image"/><KeyPointLabels name="point" toName="image">{labels}'
+    "</KeyPointLabels></View>"
+)
+
+
+def trained_version(backend: ActiveLearningBackend, project: str) -> None:
+    items = labeled_set()
+    samples = [(item.image, item.sparse) for item in items]
+    model = default_model(backend.settings, 0)
+    result = train(model, samples, TrainConfig(steps=30, crop_size=(360, 480), precision="auto"))
+    vectors, _ = result.memory_bank.vectors()
+    projector = RegionProjector.fit(vectors.numpy(), seed=0)
+    backend.store.publish(project, result.teacher, tuple(CAMVID_CLASSES), extra={},
+                          memory_bank=result.memory_bank, projector=projector)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args(argv)
+    image_path = sorted((CAMVID / "val").glob("*.png"))[0]
+    labels = "".join(f'<Label value="{name}"/>' for name in CAMVID_CLASSES)
+    configs = {"keypoints only": KEYPOINTS_ONLY.format(labels=labels), "keypoints + brush regions": camvid_label_config()}
+    with tempfile.TemporaryDirectory(prefix="segal-predict-bench-") as work, RecordingServer(
+        {"/frame.png": image_path.read_bytes()}
+    ) as images:
+        settings = Settings.from_env({"MODEL_DIR": str(Path(work) / "models"), "SEGAL_ALLOWED_HOSTS": "127.0.0.1",
+                                      "SEGAL_SCORE_POOL": "off"})  # fmt: skip
+        backend = ActiveLearningBackend(settings)
+        trained_version(backend, "1")
+        served = backend.store.current("1")
+        client = create_app(settings, backend).test_client()
+        task = {"id": 1, "data": {"image": f"{images.url}/frame.png"}}
+        frame = torch.rand(1, 3, 360, 480)  # the padding to the stride is the model's
+
+        contiguous_copy = copy.deepcopy(served.model).to(memory_format=torch.contiguous_format)
+
+        def forward(model):
+            with torch.inference_mode():
+                model(frame)
+
+        def predict(config):
+            response = client.post("/predict", json={"tasks": [task], "project": "1.0", "label_config": config})
+            body = response.get_json()
+            assert response.status_code == 200 and body["results"][0]["result"], body
+
+        timed = {"forward (served layout)": lambda: forward(served.model),
+                 "forward (contiguous)": lambda: forward(contiguous_copy)}  # fmt: skip
+        timed |= {f"/predict, {name}": (lambda c=config: predict(c)) for name, config in configs.items()}
+        for run in timed.values():  # warm: allocator, image cache, first transform
+            run()
+            run()
+        times: dict[str, list[float]] = {name: [] for name in timed}
+        for _ in range(args.repeats):
+            for name, run in timed.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    served_forward, contiguous = medians["forward (served layout)"], medians["forward (contiguous)"]
+    print(f"one 480x360 CamVid task, trained model, {settings.mc_samples} MC samples, {settings.points_per_task} "
+          f"points, {settings.regions_per_task} regions, torch threads {torch.get_num_threads()}, "
+          f"median of {args.repeats} interleaved rounds")
+    for name, median in medians.items():
+        print(f"  {name:<36} {median * 1000:7.0f} ms   {median / served_forward:5.2f}x forward as served   "
+              f"{median / contiguous:5.2f}x contiguous forward")
+
+
+if __name__ == "__main__":
+    main()
