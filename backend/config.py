@@ -45,8 +45,10 @@ class Settings:
     max_side: int = 1024  # SEGAL_MAX_SIDE: images are downscaled to this longest side for the model
     train_every: int = 0  # SEGAL_TRAIN_EVERY: retrain every N new annotations (0: only on "Start training")
     score_pool: int | None = None  # SEGAL_SCORE_POOL: on (None: every task) | off (0) | N tasks per job
-    train_steps: int | None = None  # SEGAL_TRAIN_STEPS: auto (None: scaled to the labeled images) | N
-    train_precision: str = "auto"  # SEGAL_TRAIN_PRECISION: auto | fp32 | bf16 | fp16 (CUDA)
+    # SEGAL_TRAIN_STEPS: N | auto (None: scaled to the labeled images; opt-in until measured as good)
+    train_steps: int | None = 300
+    # SEGAL_TRAIN_PRECISION: fp32 | auto | bf16 | fp16 (CUDA); fp32 until bf16 runs are understood (README)
+    train_precision: str = "fp32"
     train_channels_last: bool = True  # SEGAL_TRAIN_CHANNELS_LAST: on | off
     train_batch_size: int = 4  # SEGAL_TRAIN_BATCH_SIZE
     train_crop: int = 512  # SEGAL_TRAIN_CROP: square training crop side (smaller images are padded)
@@ -102,12 +104,12 @@ class Settings:
             max_side=reader.integer("SEGAL_MAX_SIDE", 1024, 32, 16_384),
             train_every=reader.integer("SEGAL_TRAIN_EVERY", 0, 0, 1_000_000),
             score_pool=reader.switch_or_count("SEGAL_SCORE_POOL"),
-            train_steps=reader.auto_or_integer("SEGAL_TRAIN_STEPS", 1, 1_000_000),
-            train_precision=reader.choice("SEGAL_TRAIN_PRECISION", "auto", PRECISIONS),
+            train_steps=reader.auto_or_integer("SEGAL_TRAIN_STEPS", 300, 1, 1_000_000),
+            train_precision=reader.choice("SEGAL_TRAIN_PRECISION", "fp32", PRECISIONS),
             train_channels_last=reader.on_off("SEGAL_TRAIN_CHANNELS_LAST", True),
             train_batch_size=reader.integer("SEGAL_TRAIN_BATCH_SIZE", 4, 2, 1_024),
             train_crop=reader.integer("SEGAL_TRAIN_CROP", 512, 32, 8_192),
-            train_procs=reader.auto_or_integer("SEGAL_TRAIN_PROCS", 1, 1_024),
+            train_procs=reader.auto_or_integer("SEGAL_TRAIN_PROCS", None, 1, 1_024),
             train_command=reader.command("SEGAL_TRAIN_COMMAND"),
             arch=env.get("SEGAL_ARCH") or "deeplabv3plus",
             encoder=env.get("SEGAL_ENCODER") or "tu-tf_efficientnet_lite0",
@@ -155,10 +157,13 @@ class _Reader:
             raise ConfigError(f"{name}={value} is outside {low}..{high}.")
         return value
 
-    def auto_or_integer(self, name: str, low: int, high: int) -> int | None:
-        """auto (the default): None; else an integer in low..high."""
-        if self.env.get(name, "").strip().lower() in ("", "auto"):
+    def auto_or_integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
+        """auto: None; unset: `default`; else an integer in low..high."""
+        raw = self.env.get(name, "").strip().lower()
+        if raw == "auto":
             return None
+        if not raw:
+            return default
         return self.integer(name, 0, low, high)
 
     def on_off(self, name: str, default: bool) -> bool:

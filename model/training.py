@@ -131,7 +131,7 @@ class TrainConfig:
 # The backend's schedule when SEGAL_TRAIN_STEPS is not set: steps grow with the labeled images
 # (about AUTO_EPOCHS passes over them) within [min, max]; a run that continues from the served
 # model needs fewer. Chosen from measured mIoU / time curves on CamVid (README, "Training speed").
-AUTO_EPOCHS = 50
+AUTO_EPOCHS = 70
 AUTO_MIN_STEPS = 60
 AUTO_MAX_STEPS = 1500
 WARM_START_FRACTION = 0.5

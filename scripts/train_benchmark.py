@@ -120,10 +120,10 @@ def val_miou(model, camvid: Path = CAMVID) -> float:
 
 
 def settings_from(args) -> Settings:
-    env = {"SEGAL_TRAIN_PRECISION": args.precision, "SEGAL_TRAIN_CHANNELS_LAST": args.channels_last}
-    if args.steps:
-        env["SEGAL_TRAIN_STEPS"] = str(args.steps)
-    return Settings.from_env(env)
+    """The backend's settings, with what the command line changes (unset: the backend's default)."""
+    given = {"SEGAL_TRAIN_PRECISION": args.precision, "SEGAL_TRAIN_CHANNELS_LAST": args.channels_last,
+             "SEGAL_TRAIN_STEPS": args.steps}  # fmt: skip
+    return Settings.from_env({name: str(value) for name, value in given.items() if value is not None})
 
 
 def append(out: Path, row: dict) -> None:
@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("steps", "quality", "cycle"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--precision", default="auto", help="SEGAL_TRAIN_PRECISION (default auto)")
-    parser.add_argument("--channels-last", default="on", help="SEGAL_TRAIN_CHANNELS_LAST (default on)")
-    parser.add_argument("--steps", type=int, default=None, help="SEGAL_TRAIN_STEPS (default: the automatic schedule)")
+    parser.add_argument("--precision", help="SEGAL_TRAIN_PRECISION (default: the backend's)")
+    parser.add_argument("--channels-last", help="SEGAL_TRAIN_CHANNELS_LAST (default: the backend's)")
+    parser.add_argument("--steps", help="SEGAL_TRAIN_STEPS: a number or auto (default: the backend's)")
     parser.add_argument("--rounds", type=int, default=3, help="steps mode: interleaved rounds")
     parser.add_argument("--steps-per-round", type=int, default=4, help="steps mode: steps per configuration and round")
     parser.add_argument("--out", type=Path, default=REPO / "test-artifacts" / "train-benchmark.jsonl")

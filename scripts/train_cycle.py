@@ -80,8 +80,7 @@ def run_cycle(args) -> None:
                 "SEGAL_TRAIN_PRECISION": chosen.train_precision,
                 "SEGAL_TRAIN_CHANNELS_LAST": "on" if chosen.train_channels_last else "off",
             }
-            if chosen.train_steps:
-                env["SEGAL_TRAIN_STEPS"] = str(chosen.train_steps)
+            env["SEGAL_TRAIN_STEPS"] = str(chosen.train_steps or "auto")
             backend = ActiveLearningBackend(Settings.from_env(env))
             pid = str(project.id)
             warm_seconds = _wait_for_warm_up(backend)
