@@ -151,7 +151,7 @@ def test_precision_is_resolved_for_the_device_or_refused_clearly():
 def test_automatic_schedule_grows_with_the_labeled_images_and_shrinks_when_warm():
     from model.training import AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps
 
-    assert auto_steps(1, 4, warm_start=False) == AUTO_MIN_STEPS
+    assert auto_steps(1, 4, warm_start=True) == AUTO_MIN_STEPS  # 35 steps, raised to the floor
     cold = [auto_steps(n, 4, warm_start=False) for n in (8, 40, 400, 100_000)]
     assert cold == sorted(cold) and cold[-1] == AUTO_MAX_STEPS
     assert auto_steps(40, 4, warm_start=True) < auto_steps(40, 4, warm_start=False)
