@@ -22,6 +22,10 @@ from the labeled pixels, against a per-class memory bank that the run fills and 
 with ``ema_decay`` set, an EMA teacher follows the student after every step and is returned
 as the model to serve. Both are on by default; ``contrastive_weight=0, ema_decay=None`` is
 paper 000's plain sparse-CE training.
+
+Speed (README, "Training speed"): ``precision`` autocasts the convolutions (bf16 where the
+hardware has it natively, fp16 with loss scaling on older CUDA), and ``channels_last`` runs
+the step in NHWC; the losses and the memory bank stay fp32 either way.
 """
 
 from __future__ import annotations
