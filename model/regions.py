@@ -266,8 +266,7 @@ class RegionProjector:
             "fit_seconds": seconds,
             "umap_version": umap.__version__,
         }
-        reference = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return cls(reference, coordinates, metadata)
+        return cls(_unit_rows(vectors), coordinates, metadata)
 
     def transform(self, vectors: np.ndarray) -> np.ndarray:
         """Region features ``[K, P]`` -> coordinates ``[K, n_components]`` float32 (deterministic)."""
@@ -281,8 +280,7 @@ class RegionProjector:
             return np.zeros((0, self.n_components), dtype=np.float32)
         # numpy, not torch: a few small element-wise steps, where an OpenMP team's hand-offs on a
         # busy 2-core machine turned 2 ms into a second
-        queries = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # [K, P]
-        similarity = queries @ self.reference.T  # [K, N]
+        similarity = _unit_rows(vectors) @ self.reference.T  # [K, N]
         k = self.n_neighbors
         nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]  # [K, k] unordered
         nearest_similarity = np.take_along_axis(similarity, nearest, axis=1)
@@ -309,7 +307,9 @@ class RegionProjector:
             raise FileNotFoundError(
                 f"No region projector at {path}: fit one after training (RegionProjector.fit(...).save(path))."
             )
-        if path.read_bytes()[:1] == b"\x80":  # a pickle: format 1, written before this one
+        with path.open("rb") as file:
+            first_byte = file.read(1)
+        if first_byte == b"\x80":  # a pickle: format 1, written before this one
             return cls._from_format_1(path)
         try:
             with np.load(path, allow_pickle=False) as arrays:
@@ -354,11 +354,18 @@ class RegionProjector:
             ) from error
 
     def warm_up(self) -> None:
-        """One tiny transform (the first torch top-k of a process allocates its buffers)."""
-        rng = np.random.default_rng(0)
-        sample = rng.standard_normal((WARM_UP_VECTORS, self.dim)).astype(np.float32)
-        sample /= np.linalg.norm(sample, axis=1, keepdims=True)
-        self.transform(sample)
+        """One tiny transform, so a load fails here on a projector that cannot transform, not in a request."""
+        self.transform(_random_unit_vectors(WARM_UP_VECTORS, self.dim))
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """``[N, P]`` rows scaled to unit length (an all-zero row stays zero)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def _random_unit_vectors(count: int, dim: int) -> np.ndarray:
+    """``[count, dim]`` float32 unit vectors, seeded: probes for warm-ups."""
+    return _unit_rows(np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32))
 
 
 def _fuzzy_memberships(distances: np.ndarray, iterations: int = 64) -> np.ndarray:
@@ -398,10 +405,7 @@ def warm_up_umap(dim: int = 128) -> float:
         if _umap_warm_up_seconds is not None:
             return 0.0
         start = time.perf_counter()
-        rng = np.random.default_rng(0)
-        vectors = rng.standard_normal((UMAP_WARM_UP_VECTORS, dim)).astype(np.float32)  # [N, P]
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        RegionProjector.fit(vectors).warm_up()
+        RegionProjector.fit(_random_unit_vectors(UMAP_WARM_UP_VECTORS, dim)).warm_up()
         _umap_warm_up_seconds = time.perf_counter() - start
         return _umap_warm_up_seconds
 

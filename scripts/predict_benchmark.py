@@ -5,8 +5,7 @@
 Trains the default network briefly on the benchmark's 8 labeled images (scripts/train_benchmark.py),
 fits the region projector on its memory bank and publishes it as a project's version, the
 way a training run does. Then, in rounds, times in one process: a plain forward of the served
-model (eval, no dropout sampling) as it is served, the same forward in the contiguous memory
-layout (what the ratio was measured against before), and /predict through the backend's
+model (eval, no dropout sampling) and /predict through the backend's
 WSGI app (JSON in and out, the image served over HTTP on loopback and cached after the first
 request, as on a re-request) with a keypoints-only and a keypoints + brush label config.
 Prints medians and ratios.
@@ -15,7 +14,6 @@ Prints medians and ratios.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile
@@ -30,19 +28,14 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from loopback import RecordingServer  # noqa: E402
 from ls_harness import camvid_label_config  # noqa: E402
+from pool_benchmark import KEYPOINTS_ONLY  # noqa: E402
 
 from backend.app import create_app  # noqa: E402
 from backend.config import Settings  # noqa: E402
 from backend.service import ActiveLearningBackend  # noqa: E402
-from model.data import CAMVID_CLASSES  # noqa: E402
+from model.data import CAMVID_CLASSES, load_image  # noqa: E402
 from model.regions import RegionProjector  # noqa: E402
 from model.training import TrainConfig, train  # noqa: E402
-
-KEYPOINTS_ONLY = (
-    '<View><Image name="image" value="$image"/><KeyPointLabels name="point" toName="image">{labels}'
-    "</KeyPointLabels></View>"
-)
-
 
 def trained_version(backend: ActiveLearningBackend, project: str) -> None:
     items = labeled_set()
@@ -72,21 +65,18 @@ def main(argv: list[str] | None = None) -> None:
         served = backend.store.current("1")
         client = create_app(settings, backend).test_client()
         task = {"id": 1, "data": {"image": f"{images.url}/frame.png"}}
-        frame = torch.rand(1, 3, 360, 480)  # the padding to the stride is the model's
+        frame = load_image(image_path)[None]  # [1, 3, 360, 480], the task's own image
 
-        contiguous_copy = copy.deepcopy(served.model).to(memory_format=torch.contiguous_format)
-
-        def forward(model):
+        def forward():
             with torch.inference_mode():
-                model(frame)
+                served.model(frame)
 
         def predict(config):
             response = client.post("/predict", json={"tasks": [task], "project": "1.0", "label_config": config})
             body = response.get_json()
             assert response.status_code == 200 and body["results"][0]["result"], body
 
-        timed = {"forward (served layout)": lambda: forward(served.model),
-                 "forward (contiguous)": lambda: forward(contiguous_copy)}  # fmt: skip
+        timed = {"plain forward": forward}
         timed |= {f"/predict, {name}": (lambda c=config: predict(c)) for name, config in configs.items()}
         for run in timed.values():  # warm: allocator, image cache, first transform
             run()
@@ -98,13 +88,12 @@ def main(argv: list[str] | None = None) -> None:
                 run()
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    served_forward, contiguous = medians["forward (served layout)"], medians["forward (contiguous)"]
+    plain = medians["plain forward"]
     print(f"one 480x360 CamVid task, trained model, {settings.mc_samples} MC samples, {settings.points_per_task} "
           f"points, {settings.regions_per_task} regions, torch threads {torch.get_num_threads()}, "
           f"median of {args.repeats} interleaved rounds")
     for name, median in medians.items():
-        print(f"  {name:<36} {median * 1000:7.0f} ms   {median / served_forward:5.2f}x forward as served   "
-              f"{median / contiguous:5.2f}x contiguous forward")
+        print(f"  {name:<36} {median * 1000:7.0f} ms   {median / plain:5.2f}x plain forward")
 
 
 if __name__ == "__main__":
