@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.acquisition import score_moments, select_pixels
+from model.acquisition import needs_mean_entropy, score_moments, select_pixels
 from model.calibration import image_value, squash
 from model.data import IGNORE_INDEX
 from model.mc_dropout import mc_moments, mc_moments_and_embeddings
@@ -121,6 +121,8 @@ class Predictor:
         self.settings = settings
         self.store = store
         self.fetcher = fetcher
+        # E_s[H(p_s)] is a third of the MC moments' work and only BALD-type acquisitions read it
+        self._needs_mean_entropy = needs_mean_entropy(settings.acquisition)
         # recent images only (an annotator's next click on the same task); a pool job passes
         # hundreds of images through, and 256 maps of a 1024 px image would be 750 MB
         self.superpixels = SuperpixelCache(capacity=SUPERPIXEL_CACHE_IMAGES)
@@ -191,12 +193,16 @@ class Predictor:
             device = next(served.model.parameters()).device
             image = work.image.to(device)
             if self._clusters_regions(served, schema):
-                moments, embeddings = mc_moments_and_embeddings(served.model, image, settings.mc_samples, generator)
+                moments, embeddings = mc_moments_and_embeddings(
+                    served.model, image, settings.mc_samples, generator, mean_entropy=self._needs_mean_entropy
+                )
                 evidence.embeddings = embeddings.cpu()  # [P, h/4, w/4], decoder resolution
                 evidence.grid_size = served.model.padded_size((height, width))
                 evidence.projector = served.projector
             else:
-                moments = mc_moments(served.model, image, settings.mc_samples, generator=generator)[0]
+                moments = mc_moments(
+                    served.model, image, settings.mc_samples, generator=generator, mean_entropy=self._needs_mean_entropy
+                )[0]
             moments = moments.map_spatial(lambda t: t.cpu())
             probs = moments.mean  # [C, h, w]
             pixel_scores = self._acquisition_scores(moments, labeled, generator)
@@ -260,7 +266,10 @@ class Predictor:
         """``image_value`` of an image ``[3, h, w]`` under `model`, `labeled` ``[h, w]`` excluded."""
         generator = torch.Generator().manual_seed(seed)
         device = next(model.parameters()).device
-        moments = mc_moments(model, image.to(device), self.settings.mc_samples, generator=generator)[0]
+        with_mean_entropy = self._needs_mean_entropy
+        moments = mc_moments(
+            model, image.to(device), self.settings.mc_samples, generator=generator, mean_entropy=with_mean_entropy
+        )[0]
         pixel_scores = self._acquisition_scores(moments.map_spatial(lambda t: t.cpu()), labeled, generator)
         return image_value(pixel_scores, labeled)
 

@@ -46,6 +46,8 @@ class AcquisitionContext:
 
 class Acquisition:
     name: str = ""
+    # reads MCMoments.mean_entropy (E_s[H(p_s)]): inference accumulates it only for these
+    needs_mean_entropy: bool = False
 
     def __call__(self, moments: MCMoments, context: AcquisitionContext) -> torch.Tensor:
         raise NotImplementedError
@@ -68,6 +70,11 @@ def get_acquisition(name: str) -> Acquisition:
         return _REGISTRY[name.lower()]()
     except KeyError:
         raise ValueError(f"Unknown acquisition {name!r}; choose one of {names()}.") from None
+
+
+def needs_mean_entropy(name: str) -> bool:
+    """Whether acquisition `name` reads ``MCMoments.mean_entropy`` (pass it to ``mc_moments``)."""
+    return get_acquisition(name).needs_mean_entropy
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
@@ -95,6 +102,11 @@ class Entropy(Acquisition):
 
 
 def _bald(moments: MCMoments) -> torch.Tensor:
+    if moments.mean_entropy is None:
+        raise ValueError(
+            "BALD needs the mean per-sample entropy: run mc_moments(..., mean_entropy=True) "
+            "(or needs_mean_entropy(name)) for this acquisition."
+        )
     # mutual information = H(mean) - E_s[H(p_s)]; >= 0 in exact arithmetic
     return (entropy(moments.mean, dim=0) - moments.mean_entropy).clamp_min(0.0)
 
@@ -102,6 +114,7 @@ def _bald(moments: MCMoments) -> torch.Tensor:
 @register
 class BALD(Acquisition):
     name = "bald"
+    needs_mean_entropy = True
 
     def __call__(self, moments, context):
         return _bald(moments)
@@ -112,6 +125,7 @@ class PowerBALD(Acquisition):
     """log BALD + Gumbel(0, 1) / gamma (gamma = 1): sampling proportional to BALD^gamma."""
 
     name = "powerbald"
+    needs_mean_entropy = True
     gamma = 1.0
 
     def __call__(self, moments, context):

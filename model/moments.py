@@ -5,7 +5,9 @@ statistics of the m samples, so inference never has to hold ``[m, C, H, W]``:
 
 - ``mean``: E_s[p_c]            ``[C, *spatial]`` float64
 - ``second``: E_s[p_c^2]        ``[C, *spatial]`` float64 (gives the variance)
-- ``mean_entropy``: E_s[H(p_s)] ``[*spatial]`` float64 (the aleatoric term of BALD)
+- ``mean_entropy``: E_s[H(p_s)] ``[*spatial]`` float64 (the aleatoric term of BALD); only
+  BALD-type acquisitions read it, and it costs about as much as the other two together (one
+  float64 log per sample, class and pixel), so it is accumulated only when asked for
 
 All three are linear in the samples, so they can be summed chunk by chunk and, being
 linear, interpolated to another resolution consistently (``MCMoments.map_spatial``).
@@ -28,7 +30,7 @@ def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
 class MCMoments:
     mean: torch.Tensor  # [C, *spatial] float64
     second: torch.Tensor  # [C, *spatial] float64
-    mean_entropy: torch.Tensor  # [*spatial] float64
+    mean_entropy: torch.Tensor | None  # [*spatial] float64; None when not accumulated
     num_samples: int
 
     @property
@@ -52,18 +54,16 @@ class MCMoments:
 
         `fn` takes and returns ``[K, *spatial]`` tensors.
         """
-        return MCMoments(
-            mean=fn(self.mean),
-            second=fn(self.second),
-            mean_entropy=fn(self.mean_entropy.unsqueeze(0)).squeeze(0),
-            num_samples=self.num_samples,
-        )
+        mean_entropy = None if self.mean_entropy is None else fn(self.mean_entropy.unsqueeze(0)).squeeze(0)
+        return MCMoments(fn(self.mean), fn(self.second), mean_entropy, self.num_samples)
 
 
 class MomentAccumulator:
-    """Sums per-pixel moments over chunks of MC samples in float64."""
+    """Sums per-pixel moments over chunks of MC samples in float64 (the per-sample entropies
+    only with ``mean_entropy=True``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, mean_entropy: bool = True) -> None:
+        self.with_mean_entropy = mean_entropy
         self._sum_p: torch.Tensor | None = None  # [C, *spatial]
         self._sum_p2: torch.Tensor | None = None  # [C, *spatial]
         self._sum_entropy: torch.Tensor | None = None  # [*spatial]
@@ -80,7 +80,7 @@ class MomentAccumulator:
         probs = probs.to(torch.float64)
         sum_p = probs.sum(0)
         sum_p2 = probs.square().sum(0)
-        sum_entropy = entropy(probs, dim=1).sum(0)
+        sum_entropy = entropy(probs, dim=1).sum(0) if self.with_mean_entropy else None
         if self._sum_p is None:
             self._sum_p, self._sum_p2, self._sum_entropy = sum_p, sum_p2, sum_entropy
         else:
@@ -88,14 +88,16 @@ class MomentAccumulator:
                 raise ValueError(f"Chunk shape {tuple(sum_p.shape)} differs from {tuple(self._sum_p.shape)}.")
             self._sum_p += sum_p
             self._sum_p2 += sum_p2
-            self._sum_entropy += sum_entropy
+            if sum_entropy is not None:
+                self._sum_entropy += sum_entropy
         self.num_samples += probs.shape[0]
 
     def result(self) -> MCMoments:
         if self._sum_p is None:
             raise ValueError("No samples were accumulated.")
         m = self.num_samples
-        return MCMoments(self._sum_p / m, self._sum_p2 / m, self._sum_entropy / m, m)
+        mean_entropy = None if self._sum_entropy is None else self._sum_entropy / m
+        return MCMoments(self._sum_p / m, self._sum_p2 / m, mean_entropy, m)
 
 
 def moments_from_samples(probs: torch.Tensor) -> MCMoments:

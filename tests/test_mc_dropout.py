@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from model import acquisition
 from model.acquisition import score, score_moments
-from model.mc_dropout import mc_moments, mc_samples, predict_probabilities
+from model.mc_dropout import CHUNK_ELEMENTS, chunk_size_for, mc_moments, mc_samples, predict_probabilities
 from model.moments import moments_from_samples
 from model.network import ModelConfig, build_model
 
@@ -67,6 +67,38 @@ def test_streamed_inference_matches_stored_samples(model, image, chunk_size):
             msg=name,
         )
     assert direct.num_samples == streamed.num_samples == 20
+
+
+def test_moments_without_the_mean_entropy_serve_every_other_acquisition(model, image):
+    """mean_entropy=False skips only E_s[H(p_s)]: the same masks, the same mean and second
+    moment, the same scores for every heuristic that does not read it, and a clear error for
+    the ones that do."""
+    full = mc_moments(model, image, 20, generator=torch.Generator().manual_seed(4))[0]
+    lean = mc_moments(model, image, 20, generator=torch.Generator().manual_seed(4), mean_entropy=False)[0]
+    assert lean.mean_entropy is None and full.mean_entropy is not None
+    torch.testing.assert_close(lean.mean, full.mean, rtol=0, atol=0)
+    torch.testing.assert_close(lean.second, full.second, rtol=0, atol=0)
+    readers = {name for name in acquisition.names() if acquisition.needs_mean_entropy(name)}
+    assert readers == {"bald", "powerbald"}
+    for name in acquisition.names():
+        if name in readers:
+            with pytest.raises(ValueError, match="mean_entropy=True"):
+                score_moments(name, lean, generator=torch.Generator().manual_seed(9))
+        else:
+            torch.testing.assert_close(
+                score_moments(name, lean, generator=torch.Generator().manual_seed(9)),
+                score_moments(name, full, generator=torch.Generator().manual_seed(9)),
+                msg=name,
+            )
+
+
+def test_default_chunks_fit_the_element_budget(model):
+    """A chunk holds CHUNK_ELEMENTS softmax values at most (never fewer than one sample)."""
+    small = torch.zeros(1, model.feature_channels, 92, 120)  # 480x360 at 1/4
+    large = torch.zeros(2, model.feature_channels, 512, 512)
+    assert chunk_size_for(model, small) * model.num_classes * 92 * 120 <= CHUNK_ELEMENTS
+    assert chunk_size_for(model, small) >= 20  # a 480x360 image: all default samples in one product
+    assert chunk_size_for(model, large) == 1
 
 
 def test_moments_come_back_at_the_image_resolution(model, image):

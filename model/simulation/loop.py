@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..acquisition import needs_mean_entropy
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import CAMVID_CLASSES, IGNORE_INDEX
 from ..contrastive import MemoryBank
@@ -245,7 +246,8 @@ def _query_clustered(
     for index in tqdm(range(len(pool)), desc=desc, leave=False, disable=not progress):
         image = pool.images[index]  # [3, H, W]
         moments, embeddings = mc_moments_and_embeddings(
-            model, image.to(device), config.mc_samples, generator=mc_generator
+            model, image.to(device), config.mc_samples, generator=mc_generator,
+            mean_entropy=needs_mean_entropy(config.acquisition),
         )  # [C, H, W], [P, h, w]
         regions = query_clustered_regions(
             config.acquisition,
@@ -267,9 +269,13 @@ def _query_all(model, pool: LabelPool, config: SimulationConfig, cycle: int, pro
     mc_generator = torch.Generator().manual_seed(derive_seed(config.seed, cycle, MC))
     query_generator = torch.Generator().manual_seed(derive_seed(config.seed, cycle, QUERY))
     batches = list(same_shape_batches(pool.images, config.eval_batch_size))
+    with_mean_entropy = needs_mean_entropy(config.acquisition)
     for batch in tqdm(batches, desc=f"query ({config.acquisition})", leave=False, disable=not progress):
         stacked = torch.stack([pool.images[i] for i in batch]).to(device)  # [B, 3, H, W]
-        for index, moments in zip(batch, mc_moments(model, stacked, config.mc_samples, generator=mc_generator)):
+        batch_moments = mc_moments(
+            model, stacked, config.mc_samples, generator=mc_generator, mean_entropy=with_mean_entropy
+        )
+        for index, moments in zip(batch, batch_moments):
             if config.mode == "pixel":
                 coords = query_pixels(config.acquisition, moments, config.pixels, pool.exclude(index), query_generator)
                 pool.reveal_pixels(index, coords, cycle + 1)
