@@ -266,9 +266,12 @@ class Predictor:
         """``image_value`` of an image ``[3, h, w]`` under `model`, `labeled` ``[h, w]`` excluded."""
         generator = torch.Generator().manual_seed(seed)
         device = next(model.parameters()).device
-        with_mean_entropy = self._needs_mean_entropy
         moments = mc_moments(
-            model, image.to(device), self.settings.mc_samples, generator=generator, mean_entropy=with_mean_entropy
+            model,
+            image.to(device),
+            self.settings.mc_samples,
+            generator=generator,
+            mean_entropy=self._needs_mean_entropy,
         )[0]
         pixel_scores = self._acquisition_scores(moments.map_spatial(lambda t: t.cpu()), labeled, generator)
         return image_value(pixel_scores, labeled)

@@ -10,10 +10,12 @@ Softmax and the per-pixel moments are taken at the decoder's resolution (1/4 of 
 for DeepLabV3+) and accumulated in float64 chunk by chunk, so memory stays
 O(chunk * C * h * w) instead of O(m * C * H * W). A chunk holds as many samples as fit in
 ``CHUNK_ELEMENTS`` softmax values: all 20 of a 480x360 image at once (one matrix product is
-about 0.8x the time of two of half the size on a CPU), fewer for large images. The three moments are then bilinearly
-interpolated to the image resolution once: interpolating the moments (not the samples)
-is our definition of the image-resolution uncertainty. It leaves the mean exact and makes
-the variance at in-between pixels the interpolated variance.
+about 0.8x the time of two of half the size on a CPU), fewer for large images.
+
+The three moments are then bilinearly interpolated to the image resolution once:
+interpolating the moments (not the samples) is our definition of the image-resolution
+uncertainty. It leaves the mean exact and makes the variance at in-between pixels the
+interpolated variance.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def _moments_from_features(
     mean_entropy: bool,
 ) -> list[MCMoments]:
     masks = _dropout_masks(model, num_samples, generator)  # [m, D]
-    chunk_size = chunk_size or chunk_size_for(model, features)
+    if chunk_size is None:
+        chunk_size = chunk_size_for(model, features)
     accumulators = [MomentAccumulator(mean_entropy) for _ in range(features.shape[0])]
     for probs in _sample_chunks(model, features, masks, chunk_size):  # [k, B, C, h, w]
         for index, accumulator in enumerate(accumulators):
@@ -151,8 +154,8 @@ def mc_moments_and_embeddings(
     """One image's MC moments ``[C, H, W]`` and its unit pixel embeddings ``[P, h, w]`` at the
     decoder's resolution, from a single encoder/decoder pass.
 
-    The moments equal ``mc_moments``'s for the same generator state and arguments. The embeddings (the
-    projection head's) give paper 004's region features: they cover the padded image grid
+    The moments equal ``mc_moments``'s for the same generator state and arguments. The
+    embeddings (the projection head's) give paper 004's region features: they cover the padded image grid
     ``model.padded_size((H, W))``, which is the `grid_size` to pass to
     ``model.regions.region_embeddings`` / ``acquire_regions``. They are not upsampled here:
     128 channels at image resolution would be 400 MB for a 1024x768 image.

@@ -243,11 +243,11 @@ def _query_clustered(
     mc_generator = torch.Generator().manual_seed(derive_seed(config.seed, cycle, MC))
     query_generator = torch.Generator().manual_seed(derive_seed(config.seed, cycle, QUERY))
     desc = f"query ({config.acquisition}, umap-kmeans)"
+    with_mean_entropy = needs_mean_entropy(config.acquisition)
     for index in tqdm(range(len(pool)), desc=desc, leave=False, disable=not progress):
         image = pool.images[index]  # [3, H, W]
         moments, embeddings = mc_moments_and_embeddings(
-            model, image.to(device), config.mc_samples, generator=mc_generator,
-            mean_entropy=needs_mean_entropy(config.acquisition),
+            model, image.to(device), config.mc_samples, generator=mc_generator, mean_entropy=with_mean_entropy
         )  # [C, H, W], [P, h, w]
         regions = query_clustered_regions(
             config.acquisition,
