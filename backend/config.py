@@ -60,6 +60,8 @@ class Settings:
     dropout: float = 0.2  # SEGAL_DROPOUT (r)
     contrastive_weight: float = 0.1  # SEGAL_CONTRASTIVE_WEIGHT (lambda); 0: plain CE, regions by entropy rank
     ema_decay: float | None = 0.99  # SEGAL_EMA_DECAY (alpha of the EMA teacher); 0: serve the student
+    # SEGAL_SEMI_SUPERVISED: on | off; paper 003's pseudo labels on the unlabeled pixels (README)
+    semi_supervised: bool = False
     seed: int = 0  # SEGAL_SEED
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)  # SEGAL_ALLOWED_HOSTS, comma-separated
     # limits on untrusted input (README "Security")
@@ -119,6 +121,7 @@ class Settings:
             dropout=reader.number("SEGAL_DROPOUT", 0.2, 0.0, 0.99),
             contrastive_weight=reader.number("SEGAL_CONTRASTIVE_WEIGHT", 0.1, 0.0, 100.0),
             ema_decay=reader.number("SEGAL_EMA_DECAY", 0.99, 0.0, 0.9999) or None,
+            semi_supervised=reader.on_off("SEGAL_SEMI_SUPERVISED", False),
             seed=reader.integer("SEGAL_SEED", 0, 0, 2**31 - 1),
             allowed_hosts=reader.hosts("SEGAL_ALLOWED_HOSTS"),
             max_request_bytes=reader.integer("SEGAL_MAX_REQUEST_MB", 64, 1, 4096) * 2**20,
@@ -132,6 +135,11 @@ class Settings:
             settings = dataclasses.replace(settings, encoder_weights=None)
         if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
             raise ConfigError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
+        if settings.semi_supervised and settings.ema_decay is None:
+            raise ConfigError(
+                "SEGAL_SEMI_SUPERVISED=on takes its pseudo labels from the EMA teacher: leave SEGAL_EMA_DECAY "
+                "at its default (0.99) or above 0, or turn SEGAL_SEMI_SUPERVISED off."
+            )
         return settings
 
 

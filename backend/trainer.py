@@ -426,6 +426,7 @@ def train_config(settings: Settings, samples, warm_start: bool) -> TrainConfig:
         ema_decay=settings.ema_decay,
         precision=settings.train_precision,
         channels_last=settings.train_channels_last,
+        semi_supervised=settings.semi_supervised,
     )
 
 

@@ -87,7 +87,7 @@ def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.squeeze(0)
 
 
-def _color_jitter(image: torch.Tensor, factors: tuple[float, float, float]) -> torch.Tensor:
+def color_jitter(image: torch.Tensor, factors: tuple[float, float, float]) -> torch.Tensor:
     """Brightness, contrast, saturation (in that order) of ``[3, H, W]`` in [0, 1]."""
     brightness, contrast, saturation = factors
     luma = torch.tensor(_LUMA, dtype=image.dtype, device=image.device).view(3, 1, 1)
@@ -140,6 +140,15 @@ class SparseAugment:
         self, image: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``image [3, H, W]`` float in [0, 1], ``labels [H, W]`` int64 -> the same at `crop_size`."""
+        out_image, out_labels, _ = self.with_valid(image, labels, generator)
+        return out_image, out_labels
+
+    def with_valid(
+        self, image: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``__call__`` and the mask of the output pixels that hold image content, ``valid
+        [H, W]`` bool (False on the padding): the semi-supervised loss must not learn the
+        teacher's guess on padding. Draws the same random numbers as ``__call__``."""
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"Expected a float image [3, H, W], got {tuple(image.shape)} {image.dtype}.")
         if labels.shape != image.shape[-2:] or labels.dtype != torch.int64:
@@ -171,7 +180,7 @@ class SparseAugment:
         # Photometric, on the image content only.
         if self.jitter > 0:
             factors = tuple(_uniform(1.0 - self.jitter, 1.0 + self.jitter, generator) for _ in range(3))
-            image = _color_jitter(image, factors)
+            image = color_jitter(image, factors)
         if self.blur_prob > 0 and float(torch.rand(1, generator=generator)) < self.blur_prob:
             image = _gaussian_blur(image, _uniform(*self.blur_sigma, generator))
 
@@ -179,4 +188,6 @@ class SparseAugment:
         out_labels = labels.new_full((crop_height, crop_width), IGNORE_INDEX)
         out_image[:, dst_y : dst_y + length_y, dst_x : dst_x + length_x] = image.clamp(0.0, 1.0)
         out_labels[dst_y : dst_y + length_y, dst_x : dst_x + length_x] = labels
-        return out_image, out_labels
+        valid = torch.zeros((crop_height, crop_width), dtype=torch.bool, device=labels.device)
+        valid[dst_y : dst_y + length_y, dst_x : dst_x + length_x] = True
+        return out_image, out_labels, valid

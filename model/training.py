@@ -23,6 +23,10 @@ with ``ema_decay`` set, an EMA teacher follows the student after every step and 
 as the model to serve. Both are on by default; ``contrastive_weight=0, ema_decay=None`` is
 paper 000's plain sparse-CE training.
 
+Semi-supervised training (paper 003; ``model.semi``): with ``semi_supervised`` the EMA
+teacher's confident predictions on the unlabeled pixels train the student too, on ClassMix
+views concatenated to the supervised batch (one forward of 2B crops). Off by default.
+
 Speed (README, "Training speed"): ``precision`` autocasts the convolutions (bf16 where the
 hardware has it natively, fp16 with loss scaling on older CUDA), and ``channels_last`` runs
 the step in NHWC; the losses and the memory bank stay fp32 either way.
@@ -39,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import contrastive
+from . import contrastive, semi
 from .augment import SparseAugment
 from .contrastive import EmaTeacher, MemoryBank
 from .data import IGNORE_INDEX
@@ -88,6 +92,13 @@ class TrainConfig:
     # NHWC activations for the run: oneDNN's depthwise-convolution backward (most of an
     # EfficientNet step on CPU) is about 1.6x faster in it; the model is handed back as it came
     channels_last: bool = True
+    # paper 003 (S4AL, model.semi): pseudo labels from the EMA teacher on the unlabeled pixels
+    semi_supervised: bool = False
+    pseudo_threshold: float = semi.DEFAULT_THRESHOLD  # eta counts the pixels above it (eq. 4)
+    pseudo_min_confidence: float = 0.0  # unlabeled pixels less sure than this are left out (0: none)
+    semi_warmup: float = 0.1  # share of the steps on the labels alone first (paper 003: 10 of 100 epochs)
+    replay_size: int = semi.DEFAULT_REPLAY_SIZE  # M: crops kept for the balanced ClassMix
+    tail_weight: float = semi.DEFAULT_TAIL_WEIGHT  # how much likelier a tail class is pasted
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
@@ -113,6 +124,17 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.semi_supervised and self.ema_decay is None:
+            raise ValueError(
+                "semi_supervised needs the EMA teacher for its pseudo labels (paper 003): set ema_decay "
+                "(0.99), or train with semi_supervised=False."
+            )
+        if not (0.0 <= self.pseudo_threshold < 1.0 and 0.0 <= self.pseudo_min_confidence < 1.0):
+            raise ValueError("pseudo_threshold and pseudo_min_confidence must be in [0, 1).")
+        if not 0.0 <= self.semi_warmup < 1.0:
+            raise ValueError(f"semi_warmup must be in [0, 1), got {self.semi_warmup}.")
+        if self.replay_size < 1 or self.tail_weight <= 0:
+            raise ValueError("replay_size must be >= 1 and tail_weight > 0.")
 
     @property
     def contrastive(self) -> bool:
@@ -156,6 +178,7 @@ def auto_steps(num_images: int, batch_size: int, warm_start: bool) -> int:
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per optimizer step (the total loss)
     contrastive_losses: list[float] = field(default_factory=list)  # InfoNCE of the steps that had one
+    pseudo_losses: list[float] = field(default_factory=list)  # the unsupervised loss of the semi-supervised steps
     steps: int = 0  # optimizer steps taken
     skipped_steps: int = 0  # steps whose whole batch held no labeled pixel after cropping
     num_images: int = 0  # images with at least one label (the ones trained on)
@@ -207,12 +230,13 @@ def _index_stream(count: int, generator: torch.Generator) -> Iterator[int]:
 
 def _augmented(
     augment: SparseAugment, image: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A crop that holds a labeled pixel (after at most _CROP_TRIES draws): image, labels, valid."""
     for _ in range(_CROP_TRIES):
-        crop_image, crop_labels = augment(image, labels, generator)
-        if (crop_labels != IGNORE_INDEX).any():
+        crop = augment.with_valid(image, labels, generator)
+        if (crop[1] != IGNORE_INDEX).any():
             break
-    return crop_image, crop_labels
+    return crop
 
 
 def bf16_is_native(device: torch.device) -> bool:
@@ -285,11 +309,12 @@ class _StudentForward(nn.Module):
         self.model = model
         self.embed = embed
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, embedded: int):
         features = self.model.features(images)  # [B, D, h/4, w/4]
         logits = self.model.logits_from_features(features, tuple(images.shape[-2:]))  # [B, C, h, w]
-        # the head's 3x3 conv costs as much as ASPP: only when the contrastive loss needs it
-        embeddings = self.model.embed(features).float() if self.embed else None  # [B, P, h/4, w/4]
+        # the head's 3x3 conv costs as much as ASPP: only when the contrastive loss needs it, and
+        # only for the first `embedded` crops (the supervised ones; strong views follow them)
+        embeddings = self.model.embed(features[:embedded]).float() if self.embed else None  # [b, P, h/4, w/4]
         return features, logits, embeddings
 
     @property
@@ -359,25 +384,44 @@ def train(
     if distributed is not None:
         forward = distributed.wrap(forward, find_unused_parameters=forward.unused_parameters)
         contrastive_generator = distributed.contrastive_generator(config.seed)  # the data generator stays in step
+    replay = semi.ReplayBuffer(config.replay_size) if config.semi_supervised else None
+    if config.semi_supervised:
+        teacher.model.to(memory_format=layout)
+        labeled_counts = sum(
+            torch.bincount(lab[lab != IGNORE_INDEX], minlength=model.num_classes) for _, lab in data
+        )  # [C]
+        class_weights = semi.balanced_class_weights(labeled_counts, config.tail_weight)
+        semi_from_step = math.floor(config.semi_warmup * total) + 1
     try:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(config.seed if distributed is None else distributed.dropout_seed(config.seed))
             for step in range(1, total + 1):
                 batch = [_augmented(augment, *data[next(indices)], generator) for _ in range(config.batch_size)]
-                labels = torch.stack([lab for _, lab in batch]).to(device)  # [B, h, w]
+                labels = torch.stack([lab for _, lab, _ in batch]).to(device)  # [B, h, w]
                 if not (labels != IGNORE_INDEX).any():
                     result.skipped_steps += 1
                     scheduler.step()
                     continue
                 if distributed is not None:  # every rank drew the whole global batch; it trains on its share
                     batch, labels = distributed.shard(batch, labels)
-                images = torch.stack([img for img, _ in batch]).to(device).contiguous(memory_format=layout)  # [B, 3, h, w]
+                images = torch.stack([img for img, _, _ in batch]).to(device)  # [B, 3, h, w]
+                images = images.contiguous(memory_format=layout)
+                strong = None
+                if replay is not None and step >= semi_from_step:
+                    valid = torch.stack([mask for _, _, mask in batch]).to(device)  # [B, h, w]
+                    strong = _strong_views(teacher, images, labels, valid, replay, class_weights,
+                                           precision, device, contrastive_generator)
+                    inputs = torch.cat([images, strong.images.contiguous(memory_format=layout)])  # [2B, 3, h, w]
+                else:
+                    inputs = images
                 with _autocast(precision, device):  # the convolutions: nearly all the FLOPs
-                    # [B, D, h/4, w/4], [B, C, h, w], [B, P, h/4, w/4] (None without the contrastive loss)
-                    features, logits, embeddings = forward(images)
+                    # [B', D, h/4, w/4], [B', C, h, w], [B, P, h/4, w/4] (None without the contrastive loss);
+                    # B' = B, or 2B with the strong views after the supervised crops
+                    features, all_logits, embeddings = forward(inputs, len(images))
                 # the losses and the memory bank in fp32: InfoNCE at tau = 0.1 is sensitive to
                 # rounding, and the bank is saved with the model
-                logits = logits.float()
+                all_logits = all_logits.float()
+                features, logits = features[: len(images)], all_logits[: len(images)]
                 cross_entropy = sparse_cross_entropy if distributed is None else distributed.sparse_cross_entropy
                 loss = cross_entropy(logits, labels)
                 if result.memory_bank is not None:
@@ -393,6 +437,12 @@ def train(
                         result.contrastive_losses.append(float(nce.detach()))
                     elif distributed is not None:  # DDP waits for a gradient of every output's parameters
                         loss = loss + 0.0 * embeddings.sum()
+                if strong is not None:
+                    unsupervised = semi.pseudo_label_loss(
+                        all_logits[len(images):], strong, config.pseudo_threshold, config.pseudo_min_confidence
+                    )
+                    loss = loss + unsupervised
+                    result.pseudo_losses.append(float(unsupervised.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -413,3 +463,25 @@ def train(
         result.teacher = teacher.model.to(memory_format=torch.contiguous_format).eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+@torch.no_grad()
+def _strong_views(
+    teacher: EmaTeacher,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    replay: semi.ReplayBuffer,
+    class_weights: torch.Tensor,
+    precision: str,
+    device: torch.device,
+    generator: torch.Generator,
+) -> semi.PseudoBatch:
+    """The teacher's pseudo labels of this step's crops ``images [B, 3, h, w]``, their ClassMix
+    strong views (``model.semi.strong_views``); the crops then join the replay buffer."""
+    with _autocast(precision, device):
+        teacher_logits = teacher.model(images)  # [B, C, h, w], eval mode: no dropout
+    current = semi.PseudoBatch(images, labels, valid, *semi.pseudo_labels(teacher_logits))
+    strong = semi.strong_views(current, replay, class_weights, generator)
+    replay.add(current)
+    return strong

@@ -3,6 +3,8 @@ tests/test_e2e_label_studio.py runs the same app against a real one)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from backend.config import ConfigError, Settings
 from backend.convert import brush_mask, percent_to_pixel, polygon_mask
 from backend.label_config import LabelConfigError, parse_label_config
 from backend.service import ActiveLearningBackend
+from backend.train_job import train_config_from
+from backend.trainer import train_config
 from model.calibration import squash
 from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
 from model.network import ModelConfig, build_model
@@ -122,6 +126,13 @@ def test_settings_and_label_config_errors_name_the_fix():
     chosen = Settings.from_env({"SEGAL_TRAIN_STEPS": "120", "SEGAL_TRAIN_PRECISION": "FP32",
                                 "SEGAL_TRAIN_CHANNELS_LAST": "off"})  # fmt: skip
     assert (chosen.train_steps, chosen.train_precision, chosen.train_channels_last) == (120, "fp32", False)
+    assert not defaults.semi_supervised and Settings.from_env({"SEGAL_SEMI_SUPERVISED": "on"}).semi_supervised
+    with pytest.raises(ConfigError, match="SEGAL_EMA_DECAY"):
+        Settings.from_env({"SEGAL_SEMI_SUPERVISED": "on", "SEGAL_EMA_DECAY": "0"})
+    # the option reaches the training process through the run's manifest
+    samples = [(torch.rand(3, 40, 60), torch.zeros(40, 60, dtype=torch.int64))]
+    semi_config = train_config(Settings.from_env({"SEGAL_SEMI_SUPERVISED": "on"}), samples, warm_start=True)
+    assert semi_config.semi_supervised and train_config_from(dataclasses.asdict(semi_config)) == semi_config
     with pytest.raises(LabelConfigError, match="not valid XML"):
         parse_label_config("<View><Image")
     schema = parse_label_config(

@@ -279,3 +279,47 @@ def test_selection_config_errors_and_old_runs_without_it(camvid_dir, tmp_path, c
     assert simulate([*flags, "--mode", "region", "--acquisition", "random"]) == 2
     assert "'random' has no score" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_semi_supervised_runs_train_the_teacher_on_pseudo_labels(camvid_dir, tmp_path, monkeypatch):
+    from model.checkpoint import load_checkpoint
+    from model.simulation import loop
+    from model.simulation.config import PROFILES, differences
+    from model.simulation.plots import run_label
+
+    configs, teachers = [], []
+    real_train = loop.train
+
+    def recording_train(model, samples, config, *args, **kwargs):
+        configs.append(config)
+        result = real_train(model, samples, config, *args, **kwargs)
+        teachers.append({name: value.clone() for name, value in result.teacher.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(loop, "train", recording_train)
+    config = tiny(camvid_dir, cycles=2, semi=True, warm_start=True)
+    result = run_simulation(config, tmp_path, progress=False, log=lambda _: None)
+    assert result.folder.name == "pixel-balent-semi-seed0"
+    assert [config.semi_supervised and config.ema_decay is not None for config in configs] == [True, True]
+    state = load_state(result.folder)
+    assert all(int((revealed > 0).sum()) == 3 * N for revealed in state.revealed_at)  # cold start + 2 queries
+    model, _ = load_checkpoint(result.folder / "model.pt")
+    saved = model.state_dict()
+    assert all(torch.equal(saved[name], value) for name, value in teachers[-1].items())  # the EMA teacher
+    assert all(0.0 <= row["miou"] <= 1.0 for row in result.rows)
+    # the figures keep semi runs apart; runs saved before the option resume as supervised-only runs
+    assert run_label(config.to_dict()) == "pixel balent semi"
+    plain = tiny(camvid_dir)
+    old = {key: value for key, value in plain.to_dict().items() if key != "semi"}
+    assert differences(old, plain) == [] and plain.run_name == "pixel-balent-seed0"
+    assert differences(old, tiny(camvid_dir, semi=True)) == ["semi: False -> True"]
+    # the supervised reference has dense labels: semi does not apply, and its own steps do not touch AL runs
+    reference = tiny(camvid_dir, acquisition="supervised", semi=True)
+    assert not reference.semi_supervised and not reference.teacher and reference.run_name == "supervised-seed0"
+    assert differences(plain.to_dict(), tiny(camvid_dir, supervised_steps=7)) == []
+    # the medium profile stays at the quick profile's labeled share (0.23%) with warm-started cycles
+    medium = profile_config("medium", camvid_dir)
+    frame = (360 * medium.scale) * (480 * medium.scale)  # CamVid's files are 480x360
+    assert medium.warm_start and medium.supervised_steps == medium.steps * medium.cycles
+    assert set(PROFILES["medium"]) >= {"warm_start", "supervised_steps"}
+    assert medium.pixels * medium.cycles / frame <= 0.0025

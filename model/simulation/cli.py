@@ -1,6 +1,6 @@
 """segal-simulate: active-learning simulation on a CamVid-layout dataset, with a ground-truth oracle.
 
-    segal-simulate [--profile quick|paper] [--data DIR] [--out DIR] [--acquisition NAME ...]
+    segal-simulate [--profile quick|medium|paper] [--data DIR] [--out DIR] [--acquisition NAME ...]
                    [--mode pixel|region] [--seed S ...] [--cycles K] [--pixels n] ... (see --help)
     segal-simulate plot OUT        # figures and summary table of every run under OUT
 
@@ -44,6 +44,7 @@ OVERRIDES = (
     ("--num-classes", "num_classes", int, "classes (CamVid: 11)"),
     ("--void-index", "void_index", int, "the dataset's void label, ignored (CamVid: 11; -1: none)"),
     ("--steps", "steps", int, "training steps per cycle (wins over --epochs)"),
+    ("--supervised-steps", "supervised_steps", int, "training steps of the supervised reference (default: --steps)"),
     ("--epochs", "epochs", int, "training epochs per cycle, used when no --steps is in effect"),
     ("--batch-size", "batch_size", int, "training batch size (>= 2)"),
     ("--lr", "lr", float, "learning rate (encoder: a tenth)"),
@@ -89,7 +90,15 @@ def _run_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, type=kind, help=f"{text} [{_profile_values(field)}]")
     parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (default: whole image)")
     parser.add_argument("--no-augment", action="store_true", help="no scale/flip/jitter/blur in training")
-    parser.add_argument("--warm-start", action="store_true", help="continue from the previous cycle's weights")
+    parser.add_argument(
+        "--warm-start", action=argparse.BooleanOptionalAction,
+        help="continue from the previous cycle's weights [medium: on, quick and paper: off]",
+    )
+    parser.add_argument(
+        "--semi", action=argparse.BooleanOptionalAction,
+        help="paper 003's semi-supervised training: the EMA teacher's pseudo labels on the unlabeled "
+        "pixels, with ClassMix (default off; the supervised reference ignores it)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plots", action="store_true", help="skip the shared figures after the runs")
@@ -111,8 +120,9 @@ def _overrides(args: argparse.Namespace) -> dict:
         values["crop"] = tuple(args.crop)
     if args.no_augment:
         values["augment"] = False
-    if args.warm_start:
-        values["warm_start"] = True
+    for field in ("warm_start", "semi"):
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
     return values
 
 

@@ -13,6 +13,12 @@ Profiles are named sets of defaults (``PROFILES``); a command-line flag override
   learning rate 2e-3. About 2-3 minutes per acquisition on 2 CPU cores. The larger learning
   rate is for the short schedule: in a trial (30 val images), at the paper's 5e-4, 120 steps
   left even the supervised reference at mIoU 0.20 (0.32 at 2e-3), and 40 steps at 0.13.
+- ``medium``: between the two, for comparing acquisitions and training choices where the
+  supervised reference is not itself starved: CamVid downscaled 2x (240x180), 100 pool
+  images, the whole evaluation split, n = 25, 4 cycles (100 labeled pixels per image at the
+  end, 0.23% as in quick), m = 8, warm-started cycles of 100 steps at 2e-3; the supervised
+  reference trains the same 400 steps in one go. About 6 minutes per run on one CPU thread,
+  13 with ``semi`` (two runs side by side on 2 cores; README, "Semi-supervised training").
 - ``paper``: paper 000, section 4.2: 480x360, every image, m = 20, r = 0.2, n = 5,
   100 epochs per cycle (AdamW at 5e-4, poly decay), 10 cycles. Meant for a GPU.
 """
@@ -32,11 +38,13 @@ SUPERVISED = "supervised"  # the full-supervision reference: dense labels, one t
 DEFAULT_ACQUISITION = {"pixel": "balent", "region": "entropy"}
 # Not part of a run's identity: changing them never changes a recorded figure.
 RESUMABLE_FIELDS = ("cycles", "device", "eval_batch_size")
-# The supervised reference never queries: these settings cannot change it.
-QUERY_FIELDS = ("mode", "pixels", "regions", "superpixels", "mc_samples", "selection")
+# The supervised reference never queries and trains on dense labels: these settings cannot change it.
+QUERY_FIELDS = ("mode", "pixels", "regions", "superpixels", "mc_samples", "selection", "semi")
+# Settings of the supervised reference alone: they cannot change an active-learning run.
+SUPERVISED_FIELDS = ("supervised_steps",)
 # Fields added after runs were saved, with the value every older run had: a saved config
 # without them compares as if it held these (an old run resumes without a spurious difference).
-LEGACY_DEFAULTS = {"selection": "rank"}
+LEGACY_DEFAULTS = {"selection": "rank", "semi": False, "supervised_steps": None}
 
 
 @dataclass
@@ -53,6 +61,10 @@ class SimulationConfig:
     # region mode: "rank" (top R by summed score) or "umap-kmeans" (paper 004's Algorithm 1,
     # contrastive training included); the supervised reference ignores it
     selection: str = "rank"
+    # paper 003's semi-supervised training (model.semi): pseudo labels from the EMA teacher on
+    # the unlabeled pixels, with ClassMix; the teacher is evaluated and queries. The supervised
+    # reference (dense labels) ignores it.
+    semi: bool = False
     train_split: str = "train"
     eval_split: str = "val"
     scale: float = 0.25  # image downscale factor (1 = the files' resolution)
@@ -66,6 +78,7 @@ class SimulationConfig:
     encoder: str = "tu-tf_efficientnet_lite0"
     encoder_weights: str | None = "packaged"
     steps: int | None = 120  # training steps per cycle; None: use epochs
+    supervised_steps: int | None = None  # the supervised reference's one training; None: steps
     epochs: int = 100  # per cycle, when steps is None (paper 000, section 4.2)
     batch_size: int = 4
     lr: float = 2e-3  # the quick profile's; the paper profile uses 5e-4
@@ -93,6 +106,8 @@ class SimulationConfig:
                 raise ValueError(f"{name} must be >= 1 (or None for the whole split), got {value}.")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (DeepLabV3+'s ASPP BatchNorm fails on a batch of one).")
+        if self.supervised_steps is not None and self.supervised_steps < 1:
+            raise ValueError(f"supervised_steps must be >= 1 (or None for steps), got {self.supervised_steps}.")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
         if self.clustered and self.mode != "region":
@@ -120,14 +135,26 @@ class SimulationConfig:
         return self.selection == "umap-kmeans" and not self.supervised
 
     @property
+    def semi_supervised(self) -> bool:
+        """Whether the training uses paper 003's pseudo labels (never for the supervised reference)."""
+        return self.semi and not self.supervised
+
+    @property
+    def teacher(self) -> bool:
+        """Whether the run trains an EMA teacher and evaluates, queries with and saves it."""
+        return self.clustered or self.semi_supervised
+
+    @property
     def run_name(self) -> str:
         """Folder of this run inside the output directory: ``<mode>-<acquisition>-seed<k>``
-        (``region-<acquisition>-umap-kmeans-seed<k>`` for the clustered selection)."""
+        (``region-<acquisition>-umap-kmeans-seed<k>`` for the clustered selection; ``-semi``
+        before ``-seed`` with semi-supervised training)."""
         if self.supervised:
             return f"{SUPERVISED}-seed{self.seed}"
+        semi = "-semi" if self.semi_supervised else ""
         if self.clustered:
-            return f"{self.mode}-{self.acquisition}-{self.selection}-seed{self.seed}"
-        return f"{self.mode}-{self.acquisition}-seed{self.seed}"
+            return f"{self.mode}-{self.acquisition}-{self.selection}{semi}-seed{self.seed}"
+        return f"{self.mode}-{self.acquisition}{semi}-seed{self.seed}"
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -144,7 +171,7 @@ def differences(saved: dict, current: SimulationConfig) -> list[str]:
     """``"name: saved -> current"`` for each setting that would change the recorded results."""
     saved = {**LEGACY_DEFAULTS, **saved}
     now = current.to_dict()
-    ignored = set(RESUMABLE_FIELDS) | (set(QUERY_FIELDS) if current.supervised else set())
+    ignored = set(RESUMABLE_FIELDS) | set(QUERY_FIELDS if current.supervised else SUPERVISED_FIELDS)
     keys = sorted((set(saved) | set(now)) - ignored)
     return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in keys if saved.get(key) != now.get(key)]
 
@@ -164,6 +191,23 @@ PROFILES: dict[str, dict] = {
         "batch_size": 4,
         "lr": 2e-3,
         "crop": None,
+    },
+    "medium": {
+        "scale": 0.5,
+        "train_images": 100,
+        "eval_images": None,
+        "cycles": 4,
+        "pixels": 25,
+        "regions": 3,
+        "superpixels": 150,
+        "mc_samples": 8,
+        "dropout": 0.2,
+        "steps": 100,
+        "supervised_steps": 400,
+        "batch_size": 4,
+        "lr": 2e-3,
+        "crop": None,
+        "warm_start": True,
     },
     "paper": {
         "scale": 1.0,

@@ -161,8 +161,9 @@ def _train_cycle(
         for i in range(len(pool))
     ]
     crop = config.crop or (max(im.shape[-2] for im in pool.images), max(im.shape[-1] for im in pool.images))
+    steps = config.supervised_steps if config.supervised and config.supervised_steps is not None else config.steps
     train_config = TrainConfig(
-        steps=config.steps,
+        steps=steps,
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,
@@ -171,7 +172,9 @@ def _train_cycle(
         seed=derive_seed(config.seed, cycle, TRAIN),
         # rank: acquisitions compared under paper 000's training; umap-kmeans: paper 004's
         contrastive_weight=CONTRASTIVE_WEIGHT if config.clustered else 0.0,
-        ema_decay=EMA_DECAY if config.clustered else None,
+        # semi: paper 003's pseudo labels come from the same EMA teacher (alpha 0.99)
+        ema_decay=EMA_DECAY if config.teacher else None,
+        semi_supervised=config.semi_supervised,
     )
     bar = tqdm(
         total=train_config.total_steps(len(samples)), desc=f"train cycle {cycle}", leave=False, disable=not progress
@@ -378,7 +381,7 @@ def run_simulation(config: SimulationConfig, out: str | Path, *, progress: bool 
             if model is None or not config.warm_start:
                 model, memory_bank = _fresh_model(config, device), None  # None: train starts an empty bank
             trained = _train_cycle(model, pool, config, cycle, progress, memory_bank)
-            # umap-kmeans: the EMA teacher is evaluated, queries and is saved (Algorithm 1, step 2)
+            # umap-kmeans and semi: the EMA teacher is evaluated, queries and is saved (Algorithm 1, step 2)
             served = trained.teacher if trained.teacher is not None else model
             train_seconds = time.perf_counter() - started
             confusion = evaluate(served, eval_images, eval_truth, config.eval_batch_size, progress)

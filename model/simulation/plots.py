@@ -1,8 +1,9 @@
 """Figures and the summary table comparing every run found in an output directory.
 
-Runs are grouped by (mode, acquisition, selection), labeled e.g. ``pixel balent``,
-``region entropy`` (rank) and ``region entropy umap-kmeans`` (paper 004's clustering, a
-different training too, so never merged with rank runs); the seeds of a group are averaged
+Runs are grouped by (mode, acquisition, selection, semi), labeled e.g. ``pixel balent``,
+``region entropy`` (rank), ``region entropy umap-kmeans`` (paper 004's clustering, a
+different training too, so never merged with rank runs) and ``pixel balent semi`` (paper
+003's semi-supervised training); the seeds of a group are averaged
 cycle by cycle (the band spans the lowest and highest seed). Written to ``<out>/``:
 
 - ``miou_vs_labeled.png``: mIoU against % labeled pixels, one curve per group, the supervised
@@ -54,12 +55,14 @@ def collect_runs(out: Path) -> dict[str, list[dict]]:
 
 def run_label(config: dict) -> str:
     """The group of a saved run config: ``supervised``, ``<mode> <acquisition>`` (rank) or
-    ``<mode> <acquisition> <selection>``."""
+    ``<mode> <acquisition> <selection>``, then `` semi`` for semi-supervised training."""
     config = {**LEGACY_DEFAULTS, **config}  # runs saved before the selection existed were rank
     if config["acquisition"] == SUPERVISED:
         return SUPERVISED
     label = f"{config['mode']} {config['acquisition']}"
-    return label if config["selection"] == "rank" else f"{label} {config['selection']}"
+    if config["selection"] != "rank":
+        label = f"{label} {config['selection']}"
+    return f"{label} semi" if config["semi"] else label
 
 
 def _curve(documents: list[dict], key: str) -> np.ndarray:
