@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A setting has a value the backend cannot use; the message names the variable."""
 
 
+SECRET_FIELDS = ("label_studio_api_key", "basic_auth_pass")  # never written into a file
+
+
 @dataclass(frozen=True)
 class Settings:
     label_studio_url: str = ""  # LABEL_STUDIO_URL, e.g. http://localhost:8080
@@ -81,6 +84,30 @@ class Settings:
         if self.basic_auth_user and self.basic_auth_pass:
             return self.basic_auth_user, self.basic_auth_pass
         return None
+
+    def snapshot(self) -> dict:
+        """The settings as JSON values, for a job's manifest: without the secrets (the API key
+        travels in the job's environment, the basic-auth password not at all)."""
+        values = dataclasses.asdict(self)
+        for secret in SECRET_FIELDS:
+            values.pop(secret)
+        values["model_dir"] = str(self.model_dir)
+        values["cache_dir"] = None if self.cache_dir is None else str(self.cache_dir)
+        values["allowed_hosts"] = list(self.allowed_hosts)
+        return values
+
+    @classmethod
+    def from_snapshot(cls, values: Mapping, api_key: str = "") -> Settings:
+        """``snapshot()`` back, with `api_key`; fields this version does not know are refused."""
+        known = {item.name for item in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"settings of another segal version (unknown fields {unknown[:5]}).")
+        values = dict(values)
+        values["model_dir"] = Path(values.get("model_dir") or "models")
+        values["cache_dir"] = Path(values["cache_dir"]) if values.get("cache_dir") else None
+        values["allowed_hosts"] = tuple(values.get("allowed_hosts") or ())
+        return cls(**values, label_studio_api_key=api_key)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -85,18 +85,19 @@ def check_command_template(name: str, template: str, error=ValueError) -> str:
     return template
 
 
-def training_command(manifest: Path, procs: int, command_template: str = "") -> list[str]:
+def training_command(manifest: Path, procs: int, command_template: str = "", module: str = JOB_MODULE) -> list[str]:
     """The argv of a run: `command_template` (``{manifest}``, ``{procs}``, ``{python}``
-    replaced in each word) when given, else python alone (1 process) or torchrun (N)."""
+    replaced in each word) when given, else ``python -m module`` alone (1 process) or under
+    torchrun (N)."""
     manifest = str(manifest)
     if command_template.strip():
         values = {"manifest": manifest, "procs": str(procs), "python": sys.executable}
         return [word.format(**values) for word in shlex.split(command_template)]
     if procs <= 1:
-        return [sys.executable, "-m", JOB_MODULE, manifest]
+        return [sys.executable, "-m", module, manifest]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
-        "-m", JOB_MODULE, manifest,
+        "-m", module, manifest,
     ]  # fmt: skip
 
 
@@ -108,15 +109,24 @@ def _cpu_count() -> int:
 
 
 class TrainingProcess:
-    """One run's process: start, follow its progress records, wait, stop, explain a failure."""
+    """One run's process: start, follow its progress records, wait, stop, explain a failure.
 
-    def __init__(self, manifest: Path, procs: int = 1, command_template: str = "", cpu: bool = True):
+    `module` and `log_name` serve the pool-scoring job too (``backend.score_job``), and
+    `extra_env` adds variables to the inherited environment (the scoring job's API key)."""
+
+    def __init__(
+        self, manifest: Path, procs: int = 1, command_template: str = "", cpu: bool = True,
+        module: str = JOB_MODULE, log_name: str = LOG_NAME, extra_env: dict[str, str] | None = None,
+        kind: str = "training",
+    ):  # fmt: skip
         self.manifest = Path(manifest).resolve()
         self.folder = self.manifest.parent
         self.procs = procs
-        self.argv = training_command(self.manifest, procs, command_template)
+        self.argv = training_command(self.manifest, procs, command_template, module)
         self.cpu = cpu
-        self.log_path = self.folder / LOG_NAME
+        self.extra_env = dict(extra_env or {})
+        self.kind = kind  # "training" or "scoring", in failure messages
+        self.log_path = self.folder / log_name
         self.progress_path = self.folder / "progress.jsonl"
         self.process: subprocess.Popen | None = None
         self._offset = 0
@@ -128,7 +138,7 @@ class TrainingProcess:
         return self.process.pid if self.process is not None else None
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         if self.procs > 1 and self.cpu and "OMP_NUM_THREADS" not in os.environ:
             # torchrun would give every rank 1 thread; share the cores out instead
             env["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // self.procs))
@@ -215,14 +225,14 @@ class TrainingProcess:
             reason = f"rank {root_rank} was killed by {_signal_name(-root_code)}"
             if -root_code == signal.SIGKILL:
                 reason += " (the kernel's out-of-memory killer sends SIGKILL too: see `dmesg`)"
-            return f"the training process {how}: {reason}"
+            return f"the {self.kind} process {how}: {reason}"
         reason = self.failed_event.get("error") if self.failed_event else None
         if not reason:
             reason = next((line.split(_ERROR_PREFIX, 1)[1] for line in reversed(tail) if _ERROR_PREFIX in line), None)
         if not reason:
             reason = "last lines of its output: " + " | ".join(line.strip() for line in tail[-_TAIL_LINES:])
             reason = reason[-_TAIL_CHARS:] if tail else "it wrote no output"
-        return f"the training process {how}: {reason}"
+        return f"the {self.kind} process {how}: {reason}"
 
 
 def _torchrun_root_cause(lines: list[str]) -> tuple[str | None, int | None]:

@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -295,14 +296,30 @@ class PoolScorer:
             state.tasks_per_second = state.eta_seconds = None
             state.started_at, state.finished_at = time.time(), None
             state.jobs += 1
-        log.info("project %s: scoring the pool with %s (%s)", project, served.name, state.reason)
-        job = _Job(self, project, entry, api, served, schema)
-        job.run()
+        ranks = self.scoring_processes() if served.model is not None else 1  # a cold start has no forward
+        log.info(
+            "project %s: scoring the pool with %s (%s)%s", project, served.name, state.reason,
+            f" in {ranks} processes" if ranks > 1 else "",
+        )  # fmt: skip
+        if ranks == 1:
+            _Job(self, project, entry, api, served, schema).run()
+        else:
+            _ShardedJob(self, project, entry, served, ranks).run()
         self._finish(entry, "done")
         log.info(
             "project %s: pool scored with %s: %d pushed, %d already current, %d skipped, %d old predictions removed",
             project, served.name, state.done, state.already_current, state.skipped, state.superseded,
         )
+
+    def scoring_processes(self) -> int:
+        """Processes for a pool job: the training's (SEGAL_TRAIN_PROCS; by default one per visible
+        GPU), except with SEGAL_TRAIN_COMMAND (a cluster's nodes may not reach Label Studio)."""
+        if self.settings.train_command:
+            return 1
+        if self.settings.train_procs is not None:
+            return self.settings.train_procs
+        device = self.store.device
+        return max(1, torch.cuda.device_count()) if device.type == "cuda" and device.index is None else 1
 
     # -- the score scale of a new version (called by the trainer before it publishes) -----
 
@@ -339,20 +356,30 @@ class PoolScorer:
 
 
 class _Job:
-    """One pass over the pool: list, prefetch, score, push in batches, supersede, switch."""
+    """One pass over the pool: list, prefetch, score, push in batches, supersede, switch.
+
+    With `shard` = (rank, ranks) it is one rank's share of a sharded job (``backend.score_job``):
+    the tasks whose id is rank modulo ranks, and its share of the cap; `on_progress` is then
+    called after every pushed batch and every skipped task (outside the scorer's lock)."""
 
     def __init__(self, scorer: PoolScorer, project: str, entry: _Project, api: LabelStudioProject,
-                 served: ServedModel, schema: LabelSchema):  # fmt: skip
+                 served: ServedModel, schema: LabelSchema, shard: tuple[int, int] | None = None,
+                 on_progress: Callable[[], None] | None = None):  # fmt: skip
         self.scorer, self.project, self.entry, self.api = scorer, project, entry, api
         self.served, self.schema = served, schema
         self.state = entry.state
         self.limit = scorer.settings.score_pool or None  # None: every task (0, off, stops only automatic jobs)
+        self.shard = shard
+        self.on_progress = on_progress
+        if shard is not None and self.limit is not None:
+            self.limit = -(-self.limit // shard[1])  # ceil: the ranks together score the cap
         self.batch: list[dict] = []
         self.to_delete: list[int] = []
         self.switched = False
         self.scoring_started: float | None = None
         self.uploader: ThreadPoolExecutor | None = None  # one thread: pushes and deletes, in order
         self.upload: Future | None = None  # the batch on its way
+        self.pool_remaining = 0  # tasks without a submitted annotation, the whole pool's (first page)
 
     def _check_cancel(self) -> None:
         if self.entry.cancel.is_set():
@@ -363,6 +390,7 @@ class _Job:
         first = True
         for page in self.api.pool_pages():
             if first:
+                self.pool_remaining = page.remaining
                 total = page.remaining if self.limit is None else min(page.remaining, self.limit)
                 with self.scorer._lock:
                     self.state.total, self.state.phase = total, "scoring pool"
@@ -392,6 +420,8 @@ class _Job:
                         if pool_task is None:
                             exhausted = True
                             break
+                        if self.shard is not None and int(pool_task.task["id"]) % self.shard[1] != self.shard[0]:
+                            continue  # another rank's task
                         considered += 1
                         current = sorted(pid for pid, v in pool_task.own_predictions if v == version)
                         older = [pid for pid, v in pool_task.own_predictions if v != version]
@@ -451,6 +481,8 @@ class _Job:
                 -RECENT_SKIPS:
             ]
             self._progress()
+        if self.on_progress is not None:
+            self.on_progress()
 
     def _flush(self) -> None:
         """Hand the batch to the uploader thread, so the next batch is computed while this one
@@ -487,6 +519,8 @@ class _Job:
                 log.info("project %s: prediction %s not deleted: %s", self.project, prediction_id, _describe(error))
         with self.scorer._lock:
             self.state.superseded += deleted
+        if self.on_progress is not None:
+            self.on_progress()
 
     def _progress(self) -> None:
         """Rate and ETA; call with the scorer's lock held."""
@@ -497,6 +531,97 @@ class _Job:
             state.tasks_per_second = round(handled / elapsed, 3)
             left = max(state.total - handled - state.already_current, 0)
             state.eta_seconds = round(left / state.tasks_per_second, 1)
+
+
+class ScoringFailed(RuntimeError):
+    """A sharded pool job's processes failed; the message says how and why."""
+
+
+class _ShardedJob:
+    """A pool job in `ranks` processes (``backend.score_job`` under torchrun): each scores and
+    pushes its share of the tasks (by task id); this thread follows their progress records
+    into the project's PoolState, stops them on cancel, and says why they failed."""
+
+    def __init__(self, scorer: PoolScorer, project: str, entry: _Project, served: ServedModel, ranks: int):
+        self.scorer, self.project, self.entry, self.ranks = scorer, project, entry, ranks
+        self.version = served.version
+        self.state = entry.state
+        self.shards: dict[int, dict] = {}  # rank -> its latest progress record
+
+    def run(self) -> None:
+        from .launcher import TrainingProcess
+        from .runs import POLL_SECONDS
+        from .score_job import LOG_NAME, MODULE, write_manifest
+
+        settings = self.scorer.settings
+        folder = new_scoring_folder(self.scorer.store.project_dir(self.project))
+        process = None
+        try:
+            manifest = write_manifest(folder, project=self.project, version=self.version, settings=settings)
+            process = TrainingProcess(
+                manifest, self.ranks, cpu=self.scorer.store.device.type == "cpu", module=MODULE, log_name=LOG_NAME,
+                extra_env={API_KEY_VARIABLE: settings.label_studio_api_key}, kind="scoring",
+            ).start()  # fmt: skip
+            started = time.monotonic()
+            while True:
+                code = process.wait(POLL_SECONDS)
+                records = [r for r in process.records() if r.get("event") in ("shard", "finished")]
+                for record in records:
+                    self.shards[int(record.get("rank", 0))] = record
+                if records:
+                    self._update(time.monotonic() - started)
+                if code is not None:
+                    break
+                if self.entry.cancel.is_set():
+                    raise Cancelled()
+            if code != 0:
+                raise ScoringFailed(process.failure(code))
+        finally:
+            if process is not None:
+                process.stop()  # only when this thread stops early: a cancel, an error here
+            finish_scoring(folder)
+
+    def _update(self, elapsed: float) -> None:
+        shards = list(self.shards.values())
+        limit = self.scorer.settings.score_pool or None
+        remaining = max(int(shard.get("pool_remaining", 0)) for shard in shards)
+        with self.scorer._lock:
+            state = self.state
+            state.phase = f"scoring pool ({self.ranks} processes)"
+            state.total = remaining if limit is None else min(remaining, limit)
+            for name in ("done", "already_current", "skipped", "superseded"):
+                setattr(state, name, sum(int(shard.get(name, 0)) for shard in shards))
+            for name in ("compute_seconds", "image_wait_seconds", "api_wait_seconds"):
+                setattr(state, name, round(sum(float(shard.get(name, 0.0)) for shard in shards), 3))
+            reasons = [reason for shard in shards for reason in shard.get("skipped_reasons", [])]
+            state.skipped_reasons = reasons[-RECENT_SKIPS:]
+            handled = state.done + state.skipped
+            if handled and elapsed > 0:
+                state.tasks_per_second = round(handled / elapsed, 3)
+                left = max(state.total - handled - state.already_current, 0)
+                state.eta_seconds = round(left / state.tasks_per_second, 1)
+
+
+API_KEY_VARIABLE = "SEGAL_SCORE_API_KEY"  # the scoring processes' Label Studio key (never in a file)
+SCORING_DIR = "scoring"
+LAST_SCORING_LOG = "last-scoring.log"
+
+
+def new_scoring_folder(project_dir: Path) -> Path:
+    """``<project dir>/scoring/<UTC time>-<pid>-<hex>/``, after removing the folders of jobs whose
+    backend is gone (``backend.runs.clean_stale_folders``)."""
+    from .runs import clean_stale_folders, new_run_folder
+
+    clean_stale_folders(Path(project_dir) / SCORING_DIR)
+    return new_run_folder(project_dir, SCORING_DIR)
+
+
+def finish_scoring(folder: Path) -> None:
+    """Keep the job's log as ``<project dir>/last-scoring.log`` and remove its folder."""
+    from .runs import finish_run
+    from .score_job import LOG_NAME
+
+    finish_run(folder, LOG_NAME, LAST_SCORING_LOG)
 
 
 def _describe(error: Exception) -> str:

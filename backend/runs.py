@@ -93,19 +93,25 @@ class TrainingLock:
         self.release()
 
 
-def new_run_folder(project_dir: Path) -> Path:
+OWNER_NAME = "owner.json"  # the backend process that made a folder: {"host", "pid"}
+
+
+def new_run_folder(project_dir: Path, kind: str = RUNS_DIR) -> Path:
+    """``<project dir>/<kind>/<UTC time>-<pid>-<hex>/`` (kind: ``runs`` for training, ``scoring``
+    for a sharded pool job), with its owner recorded."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = Path(project_dir) / RUNS_DIR / f"{stamp}-{os.getpid()}-{secrets.token_hex(3)}"
+    folder = Path(project_dir) / kind / f"{stamp}-{os.getpid()}-{secrets.token_hex(3)}"
     folder.mkdir(parents=True)
+    (folder / OWNER_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     return folder
 
 
-def finish_run(folder: Path) -> Path | None:
-    """Keep the run's log as ``<project dir>/last-training.log``, remove the folder; returns the log's path."""
+def finish_run(folder: Path, log_name: str = "train.log", kept_name: str = LAST_LOG_NAME) -> Path | None:
+    """Keep the run's log as ``<project dir>/<kept_name>``, remove the folder; returns the log's path."""
     folder = Path(folder)
-    kept = folder.parent.parent / LAST_LOG_NAME
+    kept = folder.parent.parent / kept_name
     try:
-        os.replace(folder / "train.log", kept)
+        os.replace(folder / log_name, kept)
     except OSError:
         kept = None
     shutil.rmtree(folder, ignore_errors=True)
@@ -128,6 +134,44 @@ def clean_stale_runs(project_dir: Path) -> int:
         shutil.rmtree(folder, ignore_errors=True)
         log.info("removed the stale training run folder %s", folder)
     return len(folders)
+
+
+def clean_stale_folders(directory: Path) -> int:
+    """Remove the job folders under `directory` whose owner (a backend process on this host) is
+    gone, stopping the processes they record first. Folders of other hosts' backends are theirs
+    to clean; a live owner's folder is its job. Returns the folders removed."""
+    try:
+        folders = [path for path in Path(directory).iterdir() if path.is_dir()]
+    except OSError:
+        return 0
+    removed = 0
+    for folder in folders:
+        try:
+            owner = json.loads((folder / OWNER_NAME).read_text())
+            host, pid = owner["host"], int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.time() - _mtime(folder) < STALE_UNOWNED_SECONDS:
+                continue  # being made right now
+            host, pid = socket.gethostname(), 0  # half made: its owner died before writing it
+        if host != socket.gethostname() or (pid > 1 and _alive(pid)):
+            continue
+        pids = _recorded_trainers(folder)
+        if pids:
+            log.warning("%s: stopping the processes %s left by a backend that died", folder, pids)
+            _stop(pids)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+STALE_UNOWNED_SECONDS = 60.0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _recorded_trainers(folder: Path) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -150,3 +151,61 @@ def test_pool_job_cap_off_and_cancel(label_studio, project, tmp_path):
     slow.pool.wait(str(project_id), timeout=60)
     state = slow.pool.states()[str(project_id)]
     assert state["status"] == "done" and state["jobs"] == 2
+
+
+def test_pool_job_in_two_processes_scores_every_task_once(label_studio, project, tmp_path):
+    """SEGAL_TRAIN_PROCS=2: the job runs as two torchrun ranks (backend.score_job), each scoring
+    the tasks whose id is its rank modulo 2, against the same Label Studio."""
+    project_id, task_ids = project
+    client = label_studio.client()
+    models = tmp_path / "models"
+    backend = backend_for(label_studio, models, SEGAL_TRAIN_PROCS="2", SEGAL_MC_SAMPLES="4")
+    model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES), encoder_weights=None))
+    backend.store.publish(str(project_id), model, tuple(CAMVID_CLASSES), extra={})
+    assert backend.pool.scoring_processes() == 2
+    state = connect(backend, project_id, timeout=300)
+    assert state["status"] == "done" and state["version"] == "segal-v1", state
+    assert (state["total"], state["done"], state["skipped"]) == (4, 4, 0), state
+    for task_id in task_ids:
+        current = [p for p in client.predictions.list(task=task_id) if p.model_version == "segal-v1"]
+        assert len(current) == 1 and 0.0 <= current[0].score <= 1.0
+    assert client.projects.get(id=project_id).model_version == "segal-v1"
+    # both ranks scored their share; the job's folder is gone, its log kept
+    project_dir = models / str(project_id)
+    log = (project_dir / "last-scoring.log").read_text()
+    assert "rank 0 of 2: 2 pushed" in log and "rank 1 of 2: 2 pushed" in log, log[-2000:]
+    assert not any((project_dir / "scoring").iterdir())
+    # the key never reaches a file
+    assert label_studio.token not in log
+
+    # a restart resumes in two processes too: nothing is pushed twice
+    restarted = backend_for(label_studio, models, SEGAL_TRAIN_PROCS="2", SEGAL_MC_SAMPLES="4")
+    state = connect(restarted, project_id, timeout=300)
+    assert state["status"] == "done" and state["done"] == 0 and state["already_current"] == 4, state
+
+    # a training run cancels a sharded job: its processes are stopped, none is left behind
+    restarted.store.publish(str(project_id), model, tuple(CAMVID_CLASSES), extra={})
+    restarted.pool.start(str(project_id), "new version")
+    deadline = time.monotonic() + 120
+    while not _scoring_processes(models) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _scoring_processes(models), "the scoring processes never started"
+    restarted.pool.training_started(str(project_id))
+    restarted.pool.wait(str(project_id), timeout=60)
+    assert restarted.pool.states()[str(project_id)]["status"] == "cancelled"
+    assert _scoring_processes(models) == []
+    assert not any((project_dir / "scoring").iterdir())
+
+
+def _scoring_processes(models) -> list[int]:
+    """Pids of live processes scoring a job under `models` (their command line names the manifest)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if "backend.score_job" in command and str(models) in command and state != "Z":
+            found.append(int(proc.name))
+    return found
