@@ -278,3 +278,18 @@ def test_redirects_are_not_followed(tmp_path, image_server):
         assert response.status_code == 422 and "redirects to" in response.json["error"]
     finally:
         server.shutdown()
+
+
+def test_settings_snapshot_for_a_job_leaves_the_secrets_out():
+    import json
+
+    settings = Settings.from_env({
+        "LABEL_STUDIO_URL": "http://ls.example:8080", "LABEL_STUDIO_API_KEY": "key-0f3c9a", "MODEL_DIR": "/srv/m",
+        "BASIC_AUTH_USER": "ann", "BASIC_AUTH_PASS": "pass-77d1", "SEGAL_ALLOWED_HOSTS": "img.example",
+    })  # fmt: skip
+    text = json.dumps(settings.snapshot())
+    assert "key-0f3c9a" not in text and "pass-77d1" not in text
+    back = Settings.from_snapshot(json.loads(text), api_key="key-0f3c9a")
+    assert back == dataclasses.replace(settings, basic_auth_pass="")
+    with pytest.raises(ConfigError, match="unknown fields"):
+        Settings.from_snapshot({**json.loads(text), "a_future_setting": 1})

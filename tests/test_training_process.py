@@ -246,3 +246,25 @@ def test_a_failing_run_says_why_without_a_traceback(tmp_path, sparse_frames):
     message = process.failure(code)
     assert code == 1 and "exited with code 1" in message and "is not a readable checkpoint" in message, message
     assert "Traceback" not in message
+
+
+def test_stale_scoring_folders_are_cleaned_only_when_their_backend_is_gone(tmp_path):
+    from backend.runs import OWNER_NAME, clean_stale_folders
+
+    jobs = tmp_path / "scoring"
+    live = new_run_folder(tmp_path, "scoring")  # this process owns it
+    gone = new_run_folder(tmp_path, "scoring")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    (gone / OWNER_NAME).write_text(json.dumps({"host": os.uname().nodename, "pid": dead_pid}))
+    # a process the dead backend left: it names the folder on its command line
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(gone)])
+    (gone / "rank-0.pid").write_text(str(orphan.pid))
+    elsewhere = new_run_folder(tmp_path, "scoring")
+    (elsewhere / OWNER_NAME).write_text(json.dumps({"host": "another-host", "pid": dead_pid}))
+    try:
+        assert clean_stale_folders(jobs) == 1
+        assert orphan.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        orphan.kill()
+    assert live.exists() and elsewhere.exists() and not gone.exists()
