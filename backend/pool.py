@@ -88,10 +88,13 @@ class PoolState:
     compute_seconds: float = 0.0
     image_wait_seconds: float = 0.0
     api_wait_seconds: float = 0.0
+    # a job in several processes: each rank's peak resident memory (MiB), in rank order
+    rank_peak_rss_mib: list[float] = field(default_factory=list)
 
     def snapshot(self) -> dict:
         data = asdict(self)
         data["skipped_reasons"] = list(self.skipped_reasons)
+        data["rank_peak_rss_mib"] = list(self.rank_peak_rss_mib)
         return data
 
 
@@ -292,7 +295,7 @@ class PoolScorer:
             state.version, state.phase, state.error = served.name, "listing", None
             state.total = state.done = state.already_current = state.skipped = state.superseded = 0
             state.compute_seconds = state.image_wait_seconds = state.api_wait_seconds = 0.0
-            state.skipped_reasons = []
+            state.skipped_reasons, state.rank_peak_rss_mib = [], []
             state.tasks_per_second = state.eta_seconds = None
             state.started_at, state.finished_at = time.time(), None
             state.jobs += 1
@@ -594,6 +597,7 @@ class _ShardedJob:
             for name in ("compute_seconds", "image_wait_seconds", "api_wait_seconds"):
                 setattr(state, name, round(sum(float(shard.get(name, 0.0)) for shard in shards), 3))
             reasons = [reason for shard in shards for reason in shard.get("skipped_reasons", [])]
+            state.rank_peak_rss_mib = [self.shards[rank].get("peak_rss_mib") for rank in sorted(self.shards)]
             state.skipped_reasons = reasons[-RECENT_SKIPS:]
             handled = state.done + state.skipped
             if handled and elapsed > 0:

@@ -84,6 +84,17 @@ def read_manifest(path: str | Path) -> dict:
     return data
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far (Linux VmHWM), for /health and the benchmark."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def rank_device(settings: Settings) -> torch.device:
     """The served model's device: under torchrun on CUDA, this rank's GPU (cuda:LOCAL_RANK)."""
     from .service import choose_device
@@ -154,7 +165,7 @@ def _score(manifest: dict, settings: Settings, rank: int, ranks: int, progress: 
             fields = {name: getattr(entry.state, name) for name in SHARD_FIELDS}
             reasons = list(entry.state.skipped_reasons)
         progress.emit(event, rank=rank, ranks=ranks, pool_remaining=job.pool_remaining if job else 0,
-                      skipped_reasons=reasons, **fields)  # fmt: skip
+                      skipped_reasons=reasons, peak_rss_mib=peak_rss_mib(), **fields)  # fmt: skip
 
     job = _Job(scorer, project, entry, api, served, schema, shard=(rank, ranks), on_progress=report)
     started = time.monotonic()

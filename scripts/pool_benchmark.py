@@ -1,6 +1,6 @@
 """Pool scoring against a real Label Studio: throughput, cost per task, memory vs pool size.
 
-    ./run.sh bench-pool [--tasks 200] [--small 50] [--regions]
+    ./run.sh bench-pool [--tasks 200] [--small 50] [--regions] [--procs N]
 
 Starts a Label Studio 1.23.2 on loopback (tests/ls_harness.py), imports real CamVid images
 into two projects (`--small` and `--tasks` tasks), and scores each through the backend's pool
@@ -11,12 +11,17 @@ ImageNet encoder. Prints, in one run:
   model on one 480x360 image (median of several, measured in the same run);
 - the peak resident memory of this process during each job (Linux VmHWM, reset before each
   job), which must not grow with the pool.
+
+``--procs N`` scores through the sharded job (``backend.score_job``, N torchrun ranks, as with
+``SEGAL_TRAIN_PROCS=N``); its wall time includes starting the ranks, and the peak memory is
+this process's plus every rank's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -81,19 +86,27 @@ def make_project(ls, client, config: str, images: list[Path], title: str) -> int
     return project.id
 
 
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def score(backend: ActiveLearningBackend, project: int, config: str, ls_pid: int) -> tuple:
     pid = str(project)
     backend.schemas[pid] = parse_label_config(config)
     reset_peak_memory()
-    start, start_cpu, start_ls = time.perf_counter(), time.process_time(), process_cpu_seconds(ls_pid)
+    start, start_ls = time.perf_counter(), process_cpu_seconds(ls_pid)
+    start_cpu = time.process_time() + children_cpu_seconds()
     # in this thread, like the forwards it is compared with: torch gives every calling thread
     # its own OpenMP team, and an idle team's spinning would slow the other one down
     state = backend.pool.run(pid, "benchmark")
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    # the ranks of a sharded job are waited-for descendants: their CPU time counts as this job's
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() + children_cpu_seconds() - start_cpu
     ls_cpu_seconds = process_cpu_seconds(ls_pid) - start_ls
     if state["status"] != "done":
         raise RuntimeError(f"pool job of project {pid} ended {state['status']}: {state['error']}")
-    return state, seconds, cpu_seconds, ls_cpu_seconds, peak_memory_mib()
+    peak = peak_memory_mib() + sum(rank or 0.0 for rank in state.get("rank_peak_rss_mib", []))
+    return state, seconds, cpu_seconds, ls_cpu_seconds, peak
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, default=200, help="tasks of the large pool (default 200)")
     parser.add_argument("--small", type=int, default=50, help="tasks of the small pool (default 50)")
     parser.add_argument("--regions", action="store_true", help="BrushLabels too (superpixel regions per task)")
+    parser.add_argument("--procs", type=int, default=1, help="pool job processes (SEGAL_TRAIN_PROCS; default 1)")
     parser.add_argument(
         "--camvid", type=Path, default=Path(os.environ.get("CAMVID_DIR", REPO.parent / "shared" / "datasets" / "camvid"))
     )
@@ -124,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                 "MODEL_DIR": str(Path(work) / "models"),
                 # no automatic jobs (start-up resume, /setup): the benchmark runs each job itself
                 "SEGAL_SCORE_POOL": "off",
+                "SEGAL_TRAIN_PROCS": str(args.procs),
             }
         )
         backend = ActiveLearningBackend(settings)
@@ -144,13 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         forward = statistics.median(wall for wall, _ in forwards)
         forward_cpu = statistics.median(cpu for _, cpu in forwards)
     kind = "keypoints + brush regions" if args.regions else "keypoints only"
-    print(f"pool scoring through Label Studio 1.23.2, {kind}, "
-          f"{settings.mc_samples} MC samples, torch threads {torch.get_num_threads()}")
+    print(f"pool scoring through Label Studio 1.23.2, {kind}, {settings.mc_samples} MC samples, "
+          f"{args.procs} process(es), torch threads {torch.get_num_threads()} (plain forward)")
     quartiles = statistics.quantiles([wall for wall, _ in forwards], n=4)
     print(f"plain forward, one 480x360 image: median {forward * 1000:.0f} ms wall, {forward_cpu * 1000:.0f} ms CPU "
           f"over {len(forwards)} (wall quartiles {quartiles[0] * 1000:.0f}-{quartiles[2] * 1000:.0f} ms)")
-    print("x forward: per task / per plain forward; CPU: this process's CPU time (Label Studio's is not in it),")
-    print("which other load on the machine changes less than wall time")
+    print("x forward: per task / per plain forward; CPU: this process's CPU time and its ranks' (not Label")
+    print("Studio's), which other load on the machine changes less than wall time")
     print(f"{'tasks':>6} {'seconds':>8} {'tasks/s':>8} {'s/task':>7} {'x forward':>9} {'CPU x forward':>13} "
           f"{'LS CPU s/task':>13} {'peak RSS MiB':>12}")
     for tasks, state, seconds, cpu_seconds, ls_cpu_seconds, peak in runs:
@@ -160,7 +175,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{ls_cpu_seconds / done:>13.3f} {peak:>12.0f}")
     for tasks, state, *_ in runs:
         print(f"{tasks:>6} tasks, where the time went: model {state['compute_seconds']:.1f} s, waiting for images "
-              f"{state['image_wait_seconds']:.1f} s, waiting for Label Studio's API {state['api_wait_seconds']:.1f} s")
+              f"{state['image_wait_seconds']:.1f} s, waiting for Label Studio's API {state['api_wait_seconds']:.1f} s"
+              + (" (summed over the ranks)" if args.procs > 1 else ""))
+        if state.get("rank_peak_rss_mib"):
+            print(f"{tasks:>6} tasks, peak RSS of each rank (MiB): {state['rank_peak_rss_mib']}")
     small_peak, large_peak = runs[0][-1], runs[1][-1]
     print(f"peak memory, {args.tasks} vs {args.small} tasks: {large_peak / small_peak:.2f}x")
 
