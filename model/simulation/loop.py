@@ -381,8 +381,8 @@ def run_simulation(config: SimulationConfig, out: str | Path, *, progress: bool 
             if model is None or not config.warm_start:
                 model, memory_bank = _fresh_model(config, device), None  # None: train starts an empty bank
             trained = _train_cycle(model, pool, config, cycle, progress, memory_bank)
-            # umap-kmeans and semi: the EMA teacher is evaluated, queries and is saved (Algorithm 1, step 2)
-            served = trained.teacher if trained.teacher is not None else model
+            # umap-kmeans: the EMA teacher is evaluated, queries and is saved (Algorithm 1, step 2)
+            served = trained.teacher if config.serves_teacher else model
             train_seconds = time.perf_counter() - started
             confusion = evaluate(served, eval_images, eval_truth, config.eval_batch_size, progress)
             eval_seconds = time.perf_counter() - started - train_seconds
