@@ -104,6 +104,21 @@ def test_two_gloo_processes_train_what_one_process_trains(tmp_path, sparse_frame
     assert agreement > MIN_ARGMAX_AGREEMENT, agreement
 
 
+def test_semi_supervised_training_runs_in_two_gloo_processes(tmp_path, sparse_frames):
+    """Paper 003's pseudo labels under DDP: each rank mixes and replays its own share, the
+    teacher stays the same on every rank (the run checks it), the launcher reports the steps."""
+    train_config = TrainConfig(steps=6, batch_size=4, crop_size=(64, 96), seed=0, lr=2e-3,
+                               semi_supervised=True, semi_warmup=0.0)  # fmt: skip
+    records = []
+    model, bank, summary = run_training(
+        tmp_path, classes=CLASSES, model_config=ModelConfig(num_classes=len(CLASSES)), train_config=train_config,
+        samples=sparse_frames, device="cpu", init_checkpoint=None, procs=2, on_record=records.append,
+    )  # fmt: skip
+    assert [record["step"] for record in records if record["event"] == "step"] == list(range(1, 7))
+    assert summary["processes"] == 2 and summary["served"] == "ema_teacher" and len(bank) > 0
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+
+
 def _annotated_task(image_server, camvid_dir):
     image = f"{image_server}/train/{IMAGES[0]}"
     return {"id": 1, "data": {"image": image}, "annotations": [clicks(camvid_dir, IMAGES[0], 30, 1)]}
