@@ -148,7 +148,7 @@ class Distributed:
         )
 
     def contrastive_generator(self, seed: int) -> torch.Generator:
-        """Anchor and negative sampling: per rank, apart from the shared data generator."""
+        """Anchor and negative sampling, and ClassMix (semi): per rank, apart from the shared data generator."""
         return torch.Generator().manual_seed(seed + _CONTRASTIVE_SEED_OFFSET * (self.rank + 1))
 
     def dropout_seed(self, seed: int) -> int:

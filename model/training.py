@@ -380,10 +380,10 @@ def train(
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     forward = _StudentForward(model, embed=result.memory_bank is not None)
-    contrastive_generator = generator
+    rank_generator = generator  # anchor sampling and ClassMix: per rank under DDP
     if distributed is not None:
         forward = distributed.wrap(forward, find_unused_parameters=forward.unused_parameters)
-        contrastive_generator = distributed.contrastive_generator(config.seed)  # the data generator stays in step
+        rank_generator = distributed.contrastive_generator(config.seed)  # the data generator stays in step
     replay = semi.ReplayBuffer(config.replay_size) if config.semi_supervised else None
     if config.semi_supervised:
         teacher.model.to(memory_format=layout)
@@ -410,7 +410,7 @@ def train(
                 if replay is not None and step >= semi_from_step:
                     valid = torch.stack([mask for _, _, mask in batch]).to(device)  # [B, h, w]
                     strong = _strong_views(teacher, images, labels, valid, replay, class_weights,
-                                           precision, device, contrastive_generator)
+                                           precision, device, rank_generator)
                     inputs = torch.cat([images, strong.images.contiguous(memory_format=layout)])  # [2B, 3, h, w]
                 else:
                     inputs = images
@@ -428,7 +428,7 @@ def train(
                     nce = contrastive.contrastive_step(
                         model, features, logits, labels, result.memory_bank,
                         per_image=config.bank_per_image, anchors_per_class=config.anchors_per_class,
-                        negatives=config.negatives, temperature=config.temperature, generator=contrastive_generator,
+                        negatives=config.negatives, temperature=config.temperature, generator=rank_generator,
                         embeddings=F.normalize(embeddings, dim=1),  # renormalized after the bf16 rounding
                         share_pushes=None if distributed is None else distributed.share_pushes,
                     )
