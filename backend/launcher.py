@@ -142,6 +142,10 @@ class TrainingProcess:
         if self.procs > 1 and self.cpu and "OMP_NUM_THREADS" not in os.environ:
             # torchrun would give every rank 1 thread; share the cores out instead
             env["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // self.procs))
+        if self.procs > 1 and self.cpu and "NUMBA_NUM_THREADS" not in os.environ:
+            # numba's parallel kernels (BalEnt) take every core by default, and its OpenMP layer
+            # then raises torch's thread count in that rank too: 2 ranks ran 15x slower on 2 cores
+            env["NUMBA_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
         return env
 
     def start(self) -> TrainingProcess:

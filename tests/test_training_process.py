@@ -283,3 +283,17 @@ def test_stale_scoring_folders_are_cleaned_only_when_their_backend_is_gone(tmp_p
     finally:
         orphan.kill()
     assert live.exists() and elsewhere.exists() and not gone.exists()
+
+
+def test_ranks_on_a_cpu_give_numba_the_threads_torch_gets(tmp_path, monkeypatch):
+    """numba's parallel BalEnt kernel takes every core unless told, and raises torch's thread
+    count with it: two scoring ranks on 2 cores then ran 15x slower (measured)."""
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    env = TrainingProcess(manifest, procs=2, cpu=True).environment()
+    assert env["NUMBA_NUM_THREADS"] == env["OMP_NUM_THREADS"] == os.environ["OMP_NUM_THREADS"]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    env = TrainingProcess(manifest, procs=2, cpu=True).environment()
+    assert env["NUMBA_NUM_THREADS"] == env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert "NUMBA_NUM_THREADS" not in TrainingProcess(manifest, procs=1, cpu=True).environment()
