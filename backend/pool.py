@@ -24,6 +24,11 @@ URL and key) or at the project's first ``/setup``: tasks that already hold a pre
 served version are skipped. A task that cannot be scored (unreadable image...) is skipped with a
 reason, in the log and in ``/health``, and the job goes on.
 
+With more than one process for the project (SEGAL_TRAIN_PROCS, one per GPU by default), a
+job of a trained version is sharded: ``_ShardedJob`` starts ``backend.score_job`` under
+torchrun, each rank scores the tasks whose id is its rank modulo N, and their progress records
+are summed into the same PoolState.
+
 MONAI Label does the same (re-score the dataset after every training); here the pool is Label
 Studio's task list and the score its "Prediction score".
 """
