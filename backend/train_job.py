@@ -317,6 +317,8 @@ def _train(manifest: TrainingManifest, device: torch.device, distributed: Distri
         "skipped_steps": result.skipped_steps,
         "final_loss": result.losses[-1] if result.losses else None,
         "final_contrastive_loss": result.contrastive_losses[-1] if result.contrastive_losses else None,
+        # semi-supervised runs: the last step's pseudo-label loss (None without the option)
+        "final_pseudo_loss": result.pseudo_losses[-1] if result.pseudo_losses else None,
         "served": "ema_teacher" if result.teacher is not None else "student",
         "seconds": round(result.seconds, 1),
         "precision": result.precision,

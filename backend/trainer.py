@@ -377,6 +377,7 @@ class Trainer:
                 "steps": result.summary.get("steps"),
                 "final_loss": result.summary.get("final_loss"),
                 "final_contrastive_loss": result.summary.get("final_contrastive_loss"),
+                "final_pseudo_loss": result.summary.get("final_pseudo_loss"),
                 "served": result.summary.get("served"),
                 "memory_bank_vectors": len(result.memory_bank) if result.memory_bank is not None else 0,
                 "projector_fit_seconds": round(projector.fit_seconds, 1) if projector is not None else None,
@@ -436,7 +437,7 @@ class TrainedRun:
 
     model: BayesianSegmenter
     memory_bank: MemoryBank | None
-    summary: dict  # steps, final_loss, final_contrastive_loss, served, seconds, processes, precision
+    summary: dict  # steps, final_loss, final_contrastive_loss, final_pseudo_loss, served, seconds, ...
 
 
 def train_processes(settings: Settings, device: torch.device, batch_size: int) -> int:

@@ -116,6 +116,7 @@ def test_semi_supervised_training_runs_in_two_gloo_processes(tmp_path, sparse_fr
     )  # fmt: skip
     assert [record["step"] for record in records if record["event"] == "step"] == list(range(1, 7))
     assert summary["processes"] == 2 and summary["served"] == "ema_teacher" and len(bank) > 0
+    assert summary["final_pseudo_loss"] >= 0.0  # published with the version (MODEL_DIR meta, /health)
     assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
 
 
