@@ -17,8 +17,8 @@ Profiles are named sets of defaults (``PROFILES``); a command-line flag override
   supervised reference is not itself starved: CamVid downscaled 2x (240x180), 100 pool
   images, the whole evaluation split, n = 25, 4 cycles (100 labeled pixels per image at the
   end, 0.23% as in quick), m = 8, warm-started cycles of 100 steps at 2e-3; the supervised
-  reference trains the same 400 steps in one go. About 6 minutes per run on one CPU thread,
-  13 with ``semi`` (two runs side by side on 2 cores; README, "Semi-supervised training").
+  reference trains the same 400 steps in one go. 6-8 minutes per run on one CPU thread, 12-15
+  with ``semi`` (two runs side by side on 2 cores; README, "Active-learning simulation").
 - ``paper``: paper 000, section 4.2: 480x360, every image, m = 20, r = 0.2, n = 5,
   100 epochs per cycle (AdamW at 5e-4, poly decay), 10 cycles. Meant for a GPU.
 """
