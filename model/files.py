@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -51,15 +52,23 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
-def remove_interrupted_writes(folder: Path) -> int:
+IN_FLIGHT_SECONDS = 600.0  # a temporary file younger than this may be another process's write
+
+
+def remove_interrupted_writes(folder: Path, min_age_seconds: float = IN_FLIGHT_SECONDS) -> int:
     """Delete the temporary files (``.<name>.<hex>.tmp``, as `atomic_write` names them) that an
     interrupted write (a kill, a full disk) left in `folder`; returns how many.
 
-    For start-up, while nothing writes to `folder`: the owner of the folder calls it.
+    For start-up. Only files older than `min_age_seconds` go: another process may be writing
+    into the same folder (a backend replica sharing MODEL_DIR, the ranks of a sharded pool
+    job sharing the image cache), and no write of ours takes minutes.
     """
     removed = 0
+    now = time.time()
     try:
-        leftovers = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+        leftovers = [
+            p for p in Path(folder).glob(".*.tmp") if p.is_file() and now - p.stat().st_mtime >= min_age_seconds
+        ]
     except OSError:
         return 0
     for path in leftovers:

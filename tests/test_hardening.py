@@ -595,9 +595,12 @@ def test_interrupted_writes_are_cleaned_at_start(tmp_path):
     cache = settings.image_cache_dir
     cache.mkdir(parents=True)
     leftovers = [project / ".model-v3.pt.0123abcd.tmp", project / ".model-v3.umap.99ff.tmp", cache / ".abc.1234.tmp"]
+    an_hour_ago = time.time() - 3600
     for path in leftovers:
         path.write_bytes(b"half a file")
-    keep = [project / "notes.txt", cache / ("0" * 64)]
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    # a write another process has in flight (a replica, a scoring rank) is not a leftover
+    keep = [project / "notes.txt", cache / ("0" * 64), cache / ".fresh.5678.tmp"]
     for path in keep:
         path.write_bytes(b"keep")
     ActiveLearningBackend(settings)
