@@ -154,7 +154,7 @@ class ReplayBuffer:
     """The last `capacity` crops the teacher labeled (FIFO), sampled uniformly (paper 003, 3.3).
 
     Kept compact on their device: images and confidences in fp16, labels and pseudo labels in
-    the smallest integer type that holds them; at a 512 x 512 crop one entry is about 2.8 MB.
+    the smallest integer type that holds them; at a 512 x 512 crop one entry is about 3.1 MB.
     """
 
     def __init__(self, capacity: int = DEFAULT_REPLAY_SIZE):
