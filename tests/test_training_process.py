@@ -276,6 +276,8 @@ def test_stale_scoring_folders_are_cleaned_only_when_their_backend_is_gone(tmp_p
     # a process the dead backend left: it names the folder on its command line
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(gone)])
     (gone / "rank-0.pid").write_text(str(orphan.pid))
+    # until it has exec'ed, its command line is still pytest's: the clean-up would not know it
+    _wait_for(lambda: str(gone) in Path(f"/proc/{orphan.pid}/cmdline").read_bytes().decode(), 10, "the exec")
     elsewhere = new_run_folder(tmp_path, "scoring")
     (elsewhere / OWNER_NAME).write_text(json.dumps({"host": "another-host", "pid": dead_pid}))
     try:
