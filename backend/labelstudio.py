@@ -47,6 +47,18 @@ def _filters(after_id: int) -> str:
     return json.dumps({"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]})
 
 
+def sdk_client(url: str, api_key: str):
+    """A label-studio-sdk client for `url` with `api_key`; an error that says the fix when the
+    backend knows neither."""
+    from label_studio_sdk import LabelStudio
+
+    if not (url and api_key):
+        raise RuntimeError(
+            "Training pulls annotations from Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY."
+        )
+    return LabelStudio(base_url=url, api_key=api_key)
+
+
 class LabelStudioProject:
     """One project's side of the loop; `client_factory(project)` gives a label-studio-sdk client."""
 

@@ -532,13 +532,16 @@ class _Job:
 
     def _progress(self) -> None:
         """Rate and ETA; call with the scorer's lock held."""
-        state = self.state
-        handled = state.done + state.skipped
-        elapsed = time.monotonic() - (self.scoring_started or time.monotonic())
-        if handled and elapsed > 0:
-            state.tasks_per_second = round(handled / elapsed, 3)
-            left = max(state.total - handled - state.already_current, 0)
-            state.eta_seconds = round(left / state.tasks_per_second, 1)
+        _rate_and_eta(self.state, time.monotonic() - (self.scoring_started or time.monotonic()))
+
+
+def _rate_and_eta(state: PoolState, elapsed: float) -> None:
+    """Set `state`'s tasks per second and ETA from its counts after `elapsed` seconds of scoring."""
+    handled = state.done + state.skipped
+    if handled and elapsed > 0:
+        state.tasks_per_second = round(handled / elapsed, 3)
+        left = max(state.total - handled - state.already_current, 0)
+        state.eta_seconds = round(left / state.tasks_per_second, 1)
 
 
 class ScoringFailed(RuntimeError):
@@ -604,11 +607,7 @@ class _ShardedJob:
             reasons = [reason for shard in shards for reason in shard.get("skipped_reasons", [])]
             state.rank_peak_rss_mib = [self.shards[rank].get("peak_rss_mib") for rank in sorted(self.shards)]
             state.skipped_reasons = reasons[-RECENT_SKIPS:]
-            handled = state.done + state.skipped
-            if handled and elapsed > 0:
-                state.tasks_per_second = round(handled / elapsed, 3)
-                left = max(state.total - handled - state.already_current, 0)
-                state.eta_seconds = round(left / state.tasks_per_second, 1)
+            _rate_and_eta(state, elapsed)
 
 
 API_KEY_VARIABLE = "SEGAL_SCORE_API_KEY"  # the scoring processes' Label Studio key (never in a file)

@@ -127,13 +127,18 @@ def clean_stale_runs(project_dir: Path) -> int:
     except OSError:
         return 0
     for folder in folders:
-        pids = _recorded_trainers(folder)
-        if pids:
-            log.warning("%s: stopping the trainer processes %s left by a backend that died", folder, pids)
-            _stop(pids)
-        shutil.rmtree(folder, ignore_errors=True)
-        log.info("removed the stale training run folder %s", folder)
+        _remove_stale(folder)
     return len(folders)
+
+
+def _remove_stale(folder: Path) -> None:
+    """Stop the processes a dead backend's job folder records, then remove the folder."""
+    pids = _recorded_trainers(folder)
+    if pids:
+        log.warning("%s: stopping the processes %s left by a backend that died", folder, pids)
+        _stop(pids)
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info("removed the stale job folder %s", folder)
 
 
 def clean_stale_folders(directory: Path) -> int:
@@ -155,11 +160,7 @@ def clean_stale_folders(directory: Path) -> int:
             host, pid = socket.gethostname(), 0  # half made: its owner died before writing it
         if host != socket.gethostname() or (pid > 1 and _alive(pid)):
             continue
-        pids = _recorded_trainers(folder)
-        if pids:
-            log.warning("%s: stopping the processes %s left by a backend that died", folder, pids)
-            _stop(pids)
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove_stale(folder)
         removed += 1
     return removed
 

@@ -28,7 +28,6 @@ import logging
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -36,12 +35,12 @@ import torch
 from .config import ConfigError, Settings
 from .images import ImageFetcher
 from .label_config import parse_label_config
-from .labelstudio import LabelStudioProject
+from .labelstudio import LabelStudioProject, sdk_client
 from .launcher import die_with_parent
 from .pool import API_KEY_VARIABLE, PoolScorer, _Job
 from .predictor import Predictor
 from .store import ModelStore, ServedModel
-from .train_job import ProgressLog
+from .train_job import ERROR_PREFIX, ProgressLog, report_failure
 
 log = logging.getLogger("segal-score")
 
@@ -51,7 +50,6 @@ MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = "progress.jsonl"
 LOG_NAME = "score.log"
-ERROR_PREFIX = "segal-train: error: "  # the launcher's marker of the line that says why a job failed
 EXIT_FAILED = 1
 EXIT_BAD_MANIFEST = 2
 SHARD_FIELDS = ("done", "already_current", "skipped", "superseded", "compute_seconds", "image_wait_seconds",
@@ -123,13 +121,7 @@ def run(manifest_path: str | Path) -> int:
     try:
         summary = _score(manifest, settings, rank, ranks, progress)
     except Exception as error:  # noqa: BLE001 - every failure becomes a line the backend can show
-        traceback.print_exc()
-        message = f"rank {rank}: {type(error).__name__}: {' '.join(str(error).split())[:500]}"
-        print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
-        try:
-            progress.emit("failed", error=message, rank=rank)
-        except OSError:
-            pass
+        report_failure(f"rank {rank}: {type(error).__name__}: {' '.join(str(error).split())[:500]}", rank, progress)
         return EXIT_FAILED
     log.info("rank %d of %d: %s", rank, ranks, summary)
     return 0
@@ -146,9 +138,7 @@ def _score(manifest: dict, settings: Settings, rank: int, ranks: int, progress: 
         )
 
     def client(_project: str):
-        from label_studio_sdk import LabelStudio
-
-        return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+        return sdk_client(settings.label_studio_url, settings.label_studio_api_key)
 
     predictor = Predictor(settings, store, ImageFetcher(settings))
     scorer = PoolScorer(settings, store, predictor, {}, client)

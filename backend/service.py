@@ -19,6 +19,7 @@ from model.regions import umap_is_warm, warm_up_umap
 from .config import Settings
 from .images import ImageFetcher
 from .label_config import LabelSchema, parse_label_config
+from .labelstudio import sdk_client
 from .pool import PoolScorer
 from .predictor import Predictor
 from .store import MAX_PROJECT_ID_DIGITS, ModelStore, is_project_id
@@ -121,13 +122,7 @@ class ActiveLearningBackend:
     # -- Label Studio API -----------------------------------------------------------------
 
     def _client(self, project: str):
-        from label_studio_sdk import LabelStudio
-
-        if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
-            raise RuntimeError(
-                "Training pulls annotations from Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY."
-            )
-        return LabelStudio(base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key)
+        return sdk_client(self.settings.label_studio_url, self.settings.label_studio_api_key)
 
     def _adopt_credentials(self, hostname, access_token) -> None:
         """Use the URL and token Label Studio sends in /setup where the environment gives none.

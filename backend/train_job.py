@@ -238,6 +238,17 @@ def _failure_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:500]}"
 
 
+def report_failure(message: str, rank: int, progress_log: ProgressLog) -> None:
+    """In an ``except`` block of a job process: the traceback to the log, the one line the
+    backend shows (``ERROR_PREFIX``), and a "failed" progress record."""
+    traceback.print_exc()
+    print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
+    try:
+        progress_log.emit("failed", error=message, rank=rank)
+    except OSError:
+        pass
+
+
 def run(manifest_path: str | Path, device: str | None = None) -> int:
     """Train one manifest (one rank of it under torchrun); returns the exit status."""
     rank = int(os.environ.get("RANK", "0"))
@@ -259,15 +270,8 @@ def run(manifest_path: str | Path, device: str | None = None) -> int:
         run_device = distributed.device if distributed is not None else torch.device(device or manifest.device)
         result = _train(manifest, run_device, distributed, progress_log if main_rank else None)
     except Exception as error:  # noqa: BLE001 - every failure becomes a line the backend can show
-        traceback.print_exc()
         message = _failure_message(error)
-        if rank:
-            message = f"rank {rank}: {message}"
-        print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
-        try:
-            progress_log.emit("failed", error=message, rank=rank)
-        except OSError:
-            pass
+        report_failure(f"rank {rank}: {message}" if rank else message, rank, progress_log)
         return EXIT_FAILED
     finally:
         if distributed is not None:
