@@ -281,6 +281,53 @@ def test_selection_config_errors_and_old_runs_without_it(camvid_dir, tmp_path, c
     assert not any(tmp_path.iterdir())
 
 
+def test_random_regions_can_train_as_umap_kmeans_does(camvid_dir, tmp_path, monkeypatch, capsys):
+    """``training="contrastive"``: a rank run trained and served paper 004's way, so that it differs
+    from umap-kmeans by the selection alone."""
+    from model.checkpoint import load_checkpoint
+    from model.simulation import loop
+    from model.simulation.config import differences
+    from model.simulation.plots import run_label
+
+    configs, teachers = [], []
+    real_train = loop.train
+
+    def recording_train(model, samples, config, *args, **kwargs):
+        configs.append(config)
+        result = real_train(model, samples, config, *args, **kwargs)
+        teachers.append({name: value.clone() for name, value in result.teacher.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(loop, "train", recording_train)
+    regions = {**CLUSTERED, "acquisition": "random", "selection": "rank"}
+    config = tiny(camvid_dir, cycles=2, training="contrastive", **regions)
+    result = run_simulation(config, tmp_path, progress=False, log=lambda _: None)
+    assert result.folder.name == "region-random-contrastive-seed0"
+    assert [(c.contrastive_weight > 0, c.ema_decay is not None) for c in configs] == [(True, True)] * 2
+    _assert_r_new_whole_regions_per_cycle(load_state(result.folder), (1, 2, 3))
+    assert all(row["projector_vectors"] == 0 for row in result.rows)  # rank: no UMAP
+    # the EMA teacher (with the projection head) is the model evaluated and saved, with its bank
+    model, meta = load_checkpoint(result.folder / "model.pt")
+    assert model.config.projection_dim == 128 and meta["memory_bank"] is not None
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in teachers[-1].items())
+    # a plain rank run is unchanged by the option: no head, no teacher, the same folder and label
+    plain = tiny(camvid_dir, **regions)
+    assert not (plain.contrastive or plain.teacher) and plain.run_name == "region-random-seed0"
+    old = {key: value for key, value in plain.to_dict().items() if key != "training"}
+    assert differences(old, plain) == [] and run_label(old) == "region random"
+    assert differences(old, config) == ["training: None -> 'contrastive'"]
+    assert run_label(config.to_dict()) == "region random contrastive"
+    assert tiny(camvid_dir, **CLUSTERED).contrastive  # umap-kmeans trains paper 004's way by default
+    assert not tiny(camvid_dir, acquisition="supervised", training="contrastive").contrastive
+    with pytest.raises(ValueError, match="needs paper 004's training"):
+        tiny(camvid_dir, training="ce", **CLUSTERED)
+    with pytest.raises(ValueError, match="training must be one of"):
+        tiny(camvid_dir, training="infonce")
+    flags = ["--data", str(camvid_dir), "--out", str(tmp_path / "cli"), *TINY_FLAGS, "--no-plots"]
+    assert simulate([*flags, "--mode", "region", "--selection", "umap-kmeans", "--training", "ce"]) == 2
+    assert "needs paper 004's training" in capsys.readouterr().err
+
+
 def test_semi_supervised_runs_train_the_teacher_on_pseudo_labels(camvid_dir, tmp_path, monkeypatch):
     from model.checkpoint import load_checkpoint
     from model.simulation import loop

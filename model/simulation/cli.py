@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..acquisition import names as acquisition_names
-from .config import MODES, PROFILES, SELECTIONS, SUPERVISED, SimulationConfig, profile_config
+from .config import MODES, PROFILES, SELECTIONS, SUPERVISED, TRAININGS, SimulationConfig, profile_config
 from .loop import ConfigMismatch, run_simulation
 from .plots import make_plots
 
@@ -85,6 +85,13 @@ def _run_parser() -> argparse.ArgumentParser:
         "'umap-kmeans' runs paper 004's Algorithm 1: contrastive training with a memory bank and EMA "
         "teacher, UMAP on the bank, KMeans into R clusters, the best region of each (default rank)",
     )
+    parser.add_argument(
+        "--training",
+        choices=TRAININGS,
+        help="'contrastive': paper 004's training (projection head, contrastive loss, memory bank, the EMA "
+        "teacher evaluated and querying) with any selection, e.g. random regions trained as umap-kmeans "
+        "is; 'ce': paper 000's sparse cross-entropy (default: the selection's own)",
+    )
     parser.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
     for flag, field, kind, text in OVERRIDES:
         parser.add_argument(flag, type=kind, help=f"{text} [{_profile_values(field)}]")
@@ -120,7 +127,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         values["crop"] = tuple(args.crop)
     if args.no_augment:
         values["augment"] = False
-    for field in ("warm_start", "semi"):
+    for field in ("warm_start", "semi", "training"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     return values

@@ -33,18 +33,20 @@ from ..acquisition import names as acquisition_names
 
 MODES = ("pixel", "region")
 SELECTIONS = ("rank", "umap-kmeans")  # region mode: top-R by summed score, or paper 004's clustering
+# None: the selection's own (rank: paper 000's sparse CE; umap-kmeans: paper 004's contrastive training)
+TRAININGS = ("ce", "contrastive")
 SUPERVISED = "supervised"  # the full-supervision reference: dense labels, one training, no acquisition
 # Region mode ranks superpixels by a pixel score summed over each region (paper 004, eq. 6).
 DEFAULT_ACQUISITION = {"pixel": "balent", "region": "entropy"}
 # Not part of a run's identity: changing them never changes a recorded figure.
 RESUMABLE_FIELDS = ("cycles", "device", "eval_batch_size")
 # The supervised reference never queries and trains on dense labels: these settings cannot change it.
-QUERY_FIELDS = ("mode", "pixels", "regions", "superpixels", "mc_samples", "selection", "semi")
+QUERY_FIELDS = ("mode", "pixels", "regions", "superpixels", "mc_samples", "selection", "semi", "training")
 # Settings of the supervised reference alone: they cannot change an active-learning run.
 SUPERVISED_FIELDS = ("supervised_steps",)
 # Fields added after runs were saved, with the value every older run had: a saved config
 # without them compares as if it held these (an old run resumes without a spurious difference).
-LEGACY_DEFAULTS = {"selection": "rank", "semi": False, "supervised_steps": None}
+LEGACY_DEFAULTS = {"selection": "rank", "semi": False, "supervised_steps": None, "training": None}
 
 
 @dataclass
@@ -61,6 +63,10 @@ class SimulationConfig:
     # region mode: "rank" (top R by summed score) or "umap-kmeans" (paper 004's Algorithm 1,
     # contrastive training included); the supervised reference ignores it
     selection: str = "rank"
+    # "contrastive": paper 004's training (projection head, CE + InfoNCE against the memory bank,
+    # the EMA teacher evaluated and querying) with any selection, so that a rank or random run
+    # differs from umap-kmeans by the selection alone; None: the selection's own (see TRAININGS)
+    training: str | None = None
     # paper 003's semi-supervised training (model.semi): pseudo labels from the EMA teacher on
     # the unlabeled pixels, with ClassMix; the student is evaluated and queries (see `serves_teacher`).
     # The supervised reference (dense labels) ignores it.
@@ -110,6 +116,15 @@ class SimulationConfig:
             raise ValueError(f"supervised_steps must be >= 1 (or None for steps), got {self.supervised_steps}.")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
+        if self.training is not None and self.training not in TRAININGS:
+            raise ValueError(
+                f"training must be one of {TRAININGS} (or None for the selection's own), got {self.training!r}."
+            )
+        if self.clustered and self.training == "ce":
+            raise ValueError(
+                "selection 'umap-kmeans' clusters the teacher's contrastive embeddings: it needs paper 004's "
+                "training (leave --training unset, or pass --training contrastive)."
+            )
         if self.clustered and self.mode != "region":
             raise ValueError(
                 "selection 'umap-kmeans' clusters superpixels (paper 004): use it with mode 'region' "
@@ -135,35 +150,46 @@ class SimulationConfig:
         return self.selection == "umap-kmeans" and not self.supervised
 
     @property
+    def contrastive(self) -> bool:
+        """Paper 004's training: projection head, contrastive loss, memory bank, the EMA teacher
+        served. umap-kmeans always; rank runs with ``training="contrastive"``; never supervised."""
+        if self.supervised:
+            return False
+        return self.training == "contrastive" or (self.training is None and self.clustered)
+
+    @property
     def semi_supervised(self) -> bool:
         """Whether the training uses paper 003's pseudo labels (never for the supervised reference)."""
         return self.semi and not self.supervised
 
     @property
     def teacher(self) -> bool:
-        """Whether the run trains an EMA teacher (umap-kmeans, semi)."""
-        return self.clustered or self.semi_supervised
+        """Whether the run trains an EMA teacher (contrastive training, semi)."""
+        return self.contrastive or self.semi_supervised
 
     @property
     def serves_teacher(self) -> bool:
         """Whether the teacher, not the student, is evaluated, queries and is saved: paper 004's
-        Algorithm 1 (umap-kmeans). A semi run only takes its pseudo labels from the teacher. On
-        the medium profile's 100-step cycles a teacher with alpha 0.99 trails its student badly
-        (cycle 1, val mIoU 0.29 against 0.35 for the student, with and without semi), and
-        serving it would compare the teacher's lag, not the pseudo labels, with the plain runs."""
-        return self.clustered
+        Algorithm 1 (its contrastive training, with umap-kmeans or not). A semi run only takes its
+        pseudo labels from the teacher. On the medium profile's 100-step cycles a teacher with
+        alpha 0.99 trails its student badly (cycle 1, val mIoU 0.29 against 0.35 for the student,
+        with and without semi), and serving it would compare the teacher's lag, not the pseudo
+        labels, with the plain runs."""
+        return self.contrastive
 
     @property
     def run_name(self) -> str:
         """Folder of this run inside the output directory: ``<mode>-<acquisition>-seed<k>``
-        (``region-<acquisition>-umap-kmeans-seed<k>`` for the clustered selection; ``-semi``
+        (``region-<acquisition>-umap-kmeans-seed<k>`` for the clustered selection,
+        ``<mode>-<acquisition>-contrastive-seed<k>`` for a rank run trained paper 004's way; ``-semi``
         before ``-seed`` with semi-supervised training)."""
         if self.supervised:
             return f"{SUPERVISED}-seed{self.seed}"
         semi = "-semi" if self.semi_supervised else ""
         if self.clustered:
             return f"{self.mode}-{self.acquisition}-{self.selection}{semi}-seed{self.seed}"
-        return f"{self.mode}-{self.acquisition}{semi}-seed{self.seed}"
+        training = "-contrastive" if self.contrastive else ""
+        return f"{self.mode}-{self.acquisition}{training}{semi}-seed{self.seed}"
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

@@ -37,7 +37,9 @@ Paper 004's Algorithm 1 (``selection="umap-kmeans"``, region mode) changes three
    the ``projector_vectors`` column is 0 then (the fit's time: ``projector_seconds``).
 
 Rank runs keep paper 000's training (no projection head, no contrastive loss, no teacher),
-so their figures do not change with this option.
+so their figures do not change with this option. ``training="contrastive"`` gives a rank run
+steps 1 and 2 (not 3): random regions trained and served as umap-kmeans runs are, so that
+the two differ by the selection alone.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def _fresh_model(config: SimulationConfig, device: torch.device) -> BayesianSegm
                 encoder_weights=config.encoder_weights,
                 dropout=config.dropout,
                 # paper 000's network (sparse CE only, no contrastive head) unless paper 004's
-                projection_dim=PROJECTION_DIM if config.clustered else 0,
+                projection_dim=PROJECTION_DIM if config.contrastive else 0,
             )
         )
     return model.to(device)
@@ -171,7 +173,7 @@ def _train_cycle(
         augment=config.augment,
         seed=derive_seed(config.seed, cycle, TRAIN),
         # rank: acquisitions compared under paper 000's training; umap-kmeans: paper 004's
-        contrastive_weight=CONTRASTIVE_WEIGHT if config.clustered else 0.0,
+        contrastive_weight=CONTRASTIVE_WEIGHT if config.contrastive else 0.0,
         # semi: paper 003's pseudo labels come from the same EMA teacher (alpha 0.99)
         ema_decay=EMA_DECAY if config.teacher else None,
         semi_supervised=config.semi_supervised,
@@ -381,7 +383,7 @@ def run_simulation(config: SimulationConfig, out: str | Path, *, progress: bool 
             if model is None or not config.warm_start:
                 model, memory_bank = _fresh_model(config, device), None  # None: train starts an empty bank
             trained = _train_cycle(model, pool, config, cycle, progress, memory_bank)
-            # umap-kmeans: the EMA teacher is evaluated, queries and is saved (Algorithm 1, step 2)
+            # paper 004's training: the EMA teacher is evaluated, queries and is saved (Algorithm 1, step 2)
             served = trained.teacher if config.serves_teacher else model
             train_seconds = time.perf_counter() - started
             confusion = evaluate(served, eval_images, eval_truth, config.eval_batch_size, progress)

@@ -55,13 +55,16 @@ def collect_runs(out: Path) -> dict[str, list[dict]]:
 
 def run_label(config: dict) -> str:
     """The group of a saved run config: ``supervised``, ``<mode> <acquisition>`` (rank) or
-    ``<mode> <acquisition> <selection>``, then `` semi`` for semi-supervised training."""
+    ``<mode> <acquisition> <selection>``, `` contrastive`` for a rank run trained paper 004's way,
+    then `` semi`` for semi-supervised training."""
     config = {**LEGACY_DEFAULTS, **config}  # runs saved before the selection existed were rank
     if config["acquisition"] == SUPERVISED:
         return SUPERVISED
     label = f"{config['mode']} {config['acquisition']}"
     if config["selection"] != "rank":
         label = f"{label} {config['selection']}"
+    elif config["training"] == "contrastive":
+        label = f"{label} contrastive"
     return f"{label} semi" if config["semi"] else label
 
 
