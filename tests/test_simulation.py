@@ -281,6 +281,29 @@ def test_selection_config_errors_and_old_runs_without_it(camvid_dir, tmp_path, c
     assert not any(tmp_path.iterdir())
 
 
+def test_pixel_queries_on_the_decoder_grid_ask_node_pixels(camvid_dir, tmp_path):
+    from model.simulation.config import differences
+    from model.simulation.plots import run_label
+
+    config = tiny(camvid_dir, cycles=2, pixel_grid="decoder")
+    result = run_simulation(config, tmp_path, progress=False, log=lambda _: None)
+    assert result.folder.name == "pixel-balent-decoder-seed0"
+    state = load_state(result.folder)
+    for revealed_at in state.revealed_at:
+        for cycle in (2, 3):  # the queries (cycle 1 is the random cold start)
+            rows, cols = np.nonzero(revealed_at == cycle)
+            assert len(rows) == N
+            # DeepLabV3+'s decoder is at 1/4: node i stands for pixel 4i + 2
+            assert (rows % 4 == 2).all() and (cols % 4 == 2).all()
+    assert run_label(config.to_dict()) == "pixel balent decoder"
+    plain = tiny(camvid_dir)
+    old = {key: value for key, value in plain.to_dict().items() if key != "pixel_grid"}
+    assert differences(old, plain) == [] and plain.run_name == "pixel-balent-seed0"
+    assert differences(old, config) == ["pixel_grid: 'image' -> 'decoder'"]
+    with pytest.raises(ValueError, match="applies to pixel queries"):
+        tiny(camvid_dir, mode="region", pixel_grid="decoder")
+
+
 def test_random_regions_can_train_as_umap_kmeans_does(camvid_dir, tmp_path, monkeypatch, capsys):
     """``training="contrastive"``: a rank run trained and served paper 004's way, so that it differs
     from umap-kmeans by the selection alone."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..acquisition import names as acquisition_names
+from ..grid import GRIDS
 from .config import MODES, PROFILES, SELECTIONS, SUPERVISED, TRAININGS, SimulationConfig, profile_config
 from .loop import ConfigMismatch, run_simulation
 from .plots import make_plots
@@ -92,6 +93,12 @@ def _run_parser() -> argparse.ArgumentParser:
         "teacher evaluated and querying) with any selection, e.g. random regions trained as umap-kmeans "
         "is; 'ce': paper 000's sparse cross-entropy (default: the selection's own)",
     )
+    parser.add_argument(
+        "--pixel-grid",
+        choices=GRIDS,
+        help="pixel mode: score queries at every image pixel ('image', on the interpolated moments, the "
+        "default) or at the decoder's nodes ('decoder', each tied to its nearest pixel; model.grid)",
+    )
     parser.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
     for flag, field, kind, text in OVERRIDES:
         parser.add_argument(flag, type=kind, help=f"{text} [{_profile_values(field)}]")
@@ -127,7 +134,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         values["crop"] = tuple(args.crop)
     if args.no_augment:
         values["augment"] = False
-    for field in ("warm_start", "semi", "training"):
+    for field in ("warm_start", "semi", "training", "pixel_grid"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     return values

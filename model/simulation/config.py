@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..acquisition import names as acquisition_names
+from ..grid import GRIDS
 
 MODES = ("pixel", "region")
 SELECTIONS = ("rank", "umap-kmeans")  # region mode: top-R by summed score, or paper 004's clustering
@@ -41,12 +42,14 @@ DEFAULT_ACQUISITION = {"pixel": "balent", "region": "entropy"}
 # Not part of a run's identity: changing them never changes a recorded figure.
 RESUMABLE_FIELDS = ("cycles", "device", "eval_batch_size")
 # The supervised reference never queries and trains on dense labels: these settings cannot change it.
-QUERY_FIELDS = ("mode", "pixels", "regions", "superpixels", "mc_samples", "selection", "semi", "training")
+QUERY_FIELDS = ("mode", "pixels", "regions", "superpixels", "mc_samples", "selection", "semi", "training", "pixel_grid")
 # Settings of the supervised reference alone: they cannot change an active-learning run.
 SUPERVISED_FIELDS = ("supervised_steps",)
 # Fields added after runs were saved, with the value every older run had: a saved config
 # without them compares as if it held these (an old run resumes without a spurious difference).
-LEGACY_DEFAULTS = {"selection": "rank", "semi": False, "supervised_steps": None, "training": None}
+LEGACY_DEFAULTS = {
+    "selection": "rank", "semi": False, "supervised_steps": None, "training": None, "pixel_grid": "image"
+}
 
 
 @dataclass
@@ -67,6 +70,9 @@ class SimulationConfig:
     # the EMA teacher evaluated and querying) with any selection, so that a rank or random run
     # differs from umap-kmeans by the selection alone; None: the selection's own (see TRAININGS)
     training: str | None = None
+    # pixel mode: where queries are scored, "image" (every pixel, on the interpolated moments)
+    # or "decoder" (the decoder's nodes, each tied to its nearest image pixel; ``model.grid``)
+    pixel_grid: str = "image"
     # paper 003's semi-supervised training (model.semi): pseudo labels from the EMA teacher on
     # the unlabeled pixels, with ClassMix; the student is evaluated and queries (see `serves_teacher`).
     # The supervised reference (dense labels) ignores it.
@@ -120,6 +126,10 @@ class SimulationConfig:
             raise ValueError(
                 f"training must be one of {TRAININGS} (or None for the selection's own), got {self.training!r}."
             )
+        if self.pixel_grid not in GRIDS:
+            raise ValueError(f"pixel_grid must be one of {GRIDS}, got {self.pixel_grid!r}.")
+        if self.pixel_grid != "image" and self.mode != "pixel":
+            raise ValueError("pixel_grid applies to pixel queries (--mode pixel); regions sum every pixel's score.")
         if self.clustered and self.training == "ce":
             raise ValueError(
                 "selection 'umap-kmeans' clusters the teacher's contrastive embeddings: it needs paper 004's "
@@ -181,7 +191,8 @@ class SimulationConfig:
     def run_name(self) -> str:
         """Folder of this run inside the output directory: ``<mode>-<acquisition>-seed<k>``
         (``region-<acquisition>-umap-kmeans-seed<k>`` for the clustered selection,
-        ``<mode>-<acquisition>-contrastive-seed<k>`` for a rank run trained paper 004's way; ``-semi``
+        ``<mode>-<acquisition>-contrastive-seed<k>`` for a rank run trained paper 004's way,
+        ``pixel-<acquisition>-decoder-seed<k>`` for queries scored on the decoder's grid; ``-semi``
         before ``-seed`` with semi-supervised training)."""
         if self.supervised:
             return f"{SUPERVISED}-seed{self.seed}"
@@ -189,7 +200,8 @@ class SimulationConfig:
         if self.clustered:
             return f"{self.mode}-{self.acquisition}-{self.selection}{semi}-seed{self.seed}"
         training = "-contrastive" if self.contrastive else ""
-        return f"{self.mode}-{self.acquisition}{training}{semi}-seed{self.seed}"
+        grid = "-decoder" if self.pixel_grid == "decoder" else ""
+        return f"{self.mode}-{self.acquisition}{grid}{training}{semi}-seed{self.seed}"
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

@@ -68,7 +68,7 @@ from ..training import TrainConfig, train
 from .config import SimulationConfig, differences
 from .metrics import class_iou, diversity, mean_iou
 from .pool import LabelPool
-from .queries import cold_start, query_clustered_regions, query_pixels, query_regions
+from .queries import cold_start, query_clustered_regions, query_grid_pixels, query_pixels, query_regions
 from .report import write_metrics
 from .splits import evaluate, load_split, same_shape_batches
 from .state import RunState, load_state, save_state
@@ -277,11 +277,23 @@ def _query_all(model, pool: LabelPool, config: SimulationConfig, cycle: int, pro
     with_mean_entropy = needs_mean_entropy(config.acquisition)
     for batch in tqdm(batches, desc=f"query ({config.acquisition})", leave=False, disable=not progress):
         stacked = torch.stack([pool.images[i] for i in batch]).to(device)  # [B, 3, H, W]
+        on_grid = config.mode == "pixel" and config.pixel_grid == "decoder"
         batch_moments = mc_moments(
-            model, stacked, config.mc_samples, generator=mc_generator, mean_entropy=with_mean_entropy
+            model,
+            stacked,
+            config.mc_samples,
+            generator=mc_generator,
+            mean_entropy=with_mean_entropy,
+            image_resolution=not on_grid,  # the decoder grid's moments are scored as they are
         )
+        padded_size = model.padded_size(tuple(stacked.shape[-2:]))
         for index, moments in zip(batch, batch_moments):
-            if config.mode == "pixel":
+            if on_grid:
+                coords = query_grid_pixels(
+                    config.acquisition, moments, padded_size, config.pixels, pool.exclude(index), query_generator
+                )
+                pool.reveal_pixels(index, coords, cycle + 1)
+            elif config.mode == "pixel":
                 coords = query_pixels(config.acquisition, moments, config.pixels, pool.exclude(index), query_generator)
                 pool.reveal_pixels(index, coords, cycle + 1)
             else:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..acquisition import acquire_pixels, score_moments
+from ..grid import grid_scores
 from ..moments import MCMoments
 from ..regions import RegionProjector, acquire_regions
 from ..superpixels import region_sums, top_regions
@@ -48,6 +49,15 @@ def query_pixels(name: str, moments: MCMoments, n: int, exclude: np.ndarray, gen
     mask = torch.from_numpy(exclude).to(moments.mean.device)
     coords, _ = acquire_pixels(name, moments, n, exclude=mask, generator=generator)
     return coords.cpu().numpy()
+
+
+def query_grid_pixels(
+    name: str, coarse: MCMoments, padded_size: tuple[int, int], n: int, exclude: np.ndarray, generator: torch.Generator
+) -> np.ndarray:
+    """The acquisition's top n decoder nodes as image pixels ``[k, 2]`` (row, col), nodes on a
+    pixel of ``exclude [H, W]`` left out; `coarse` ``[C, h, w]`` covers `padded_size`."""
+    scores = grid_scores(name, coarse, exclude.shape, padded_size, torch.from_numpy(exclude), n, generator)
+    return scores.select(n)[1].numpy()
 
 
 def query_regions(

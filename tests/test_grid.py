@@ -1,0 +1,65 @@
+"""Pixel queries on the decoder's grid (model.grid): which pixel a node stands for, and that
+its scores and choices are the acquisition's on the decoder-resolution moments."""
+
+import pytest
+import torch
+
+from model.acquisition import score_moments, select_pixels
+from model.calibration import image_value
+from model.data import load_image
+from model.grid import grid_scores, node_pixels
+from model.mc_dropout import mc_moments
+from model.network import ModelConfig, build_model
+
+
+def test_each_node_stands_for_the_image_pixel_nearest_to_it():
+    # stride 4: node i sits at image coordinate 4i + 1.5 (align_corners=False) -> pixel 4i + 2
+    rows, cols = node_pixels((10, 13), (16, 16), (4, 4))
+    assert rows.tolist() == [2, 6]  # node 2's pixel (10) and node 3's (14) lie in the padding
+    assert cols.tolist() == [2, 6, 10]
+    with pytest.raises(ValueError, match="not a multiple"):
+        node_pixels((10, 10), (18, 16), (4, 4))
+
+
+@pytest.fixture(scope="module")
+def frame_moments(camvid_dir):
+    """A real CamVid frame at half size and its decoder-resolution MC moments (m = 8)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_classes=11, encoder_weights="packaged")).eval()
+    image = load_image(next((camvid_dir / "val").glob("*.png")), scale=0.5)  # [3, 180, 240]
+    size = tuple(image.shape[-2:])
+    coarse = mc_moments(model, image, 8, generator=torch.Generator().manual_seed(1), image_resolution=False)[0]
+    return coarse, size, model.padded_size(size)
+
+
+@pytest.mark.parametrize("name", ["balent", "entropy", "bald"])
+def test_grid_scores_are_the_acquisition_on_the_nodes_inside_the_image(frame_moments, name):
+    coarse, size, padded = frame_moments
+    assert padded != size  # 180 pads to 192: the last decoder rows cover only padding
+    scores = grid_scores(name, coarse, size, padded)
+    rows, cols = scores.rows, scores.cols
+    assert rows[-1] < size[0] <= rows[-1] + 4 and cols[-1] < size[1] <= cols[-1] + 4
+    inside = coarse.map_spatial(lambda t: t[..., : len(rows), : len(cols)])
+    assert torch.equal(scores.scores, score_moments(name, inside))
+    nodes, pixels = scores.select(5)
+    assert torch.equal(nodes, select_pixels(scores.scores, 5))
+    assert torch.equal(pixels, torch.stack([4 * nodes[:, 0] + 2, 4 * nodes[:, 1] + 2], dim=1))
+    assert scores.value() == image_value(scores.scores)
+
+
+def test_a_node_on_a_labeled_pixel_is_not_asked_again(frame_moments):
+    coarse, size, padded = frame_moments
+    first = grid_scores("balent", coarse, size, padded)
+    _, asked = first.select(5)
+    labeled = torch.zeros(size, dtype=torch.bool)
+    labeled[asked[:, 0], asked[:, 1]] = True  # the annotator answered those five pixels
+    labeled[asked[0, 0] + 1, asked[0, 1] + 1] = True  # and one pixel beside a node, not on it
+    second = grid_scores("balent", coarse, size, padded, exclude=labeled)
+    assert int(second.exclude.sum()) == 5
+    _, next_asked = second.select(5)
+    assert not set(map(tuple, next_asked.tolist())) & set(map(tuple, asked.tolist()))
+    # the next five best nodes, in order
+    assert torch.equal(second.select(5)[0], select_pixels(first.scores, 10)[5:])
+    assert second.value() < first.value()  # the best five are gone: the image is worth less now
+    with pytest.raises(ValueError, match="exclude has shape"):
+        grid_scores("balent", coarse, size, padded, exclude=labeled[:-1])
