@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from model import acquisition_names
+from model.grid import GRIDS
 from model.training import PRECISIONS
 
 from .launcher import check_command_template
@@ -45,6 +46,7 @@ class Settings:
     mc_samples: int = 20  # SEGAL_MC_SAMPLES (m)
     superpixels: int = 300  # SEGAL_SUPERPIXELS: SEEDS superpixels asked for a 480x360 image
     region_score: str = "entropy"  # SEGAL_REGION_SCORE: entropy (paper 004, eq. 6) | balent, summed per region
+    point_grid: str = "image"  # SEGAL_POINT_GRID: keypoints scored at every pixel (image) | the decoder's nodes
     max_side: int = 1024  # SEGAL_MAX_SIDE: images are downscaled to this longest side for the model
     train_every: int = 0  # SEGAL_TRAIN_EVERY: retrain every N new annotations (0: only on "Start training")
     score_pool: int | None = None  # SEGAL_SCORE_POOL: on (None: every task) | off (0) | N tasks per job
@@ -130,6 +132,7 @@ class Settings:
             mc_samples=reader.integer("SEGAL_MC_SAMPLES", 20, 1, 1_000),
             superpixels=reader.integer("SEGAL_SUPERPIXELS", 300, 4, 100_000),
             region_score=reader.choice("SEGAL_REGION_SCORE", "entropy", ("entropy", "balent")),
+            point_grid=reader.choice("SEGAL_POINT_GRID", "image", GRIDS),
             max_side=reader.integer("SEGAL_MAX_SIDE", 1024, 32, 16_384),
             train_every=reader.integer("SEGAL_TRAIN_EVERY", 0, 0, 1_000_000),
             score_pool=reader.switch_or_count("SEGAL_SCORE_POOL"),

@@ -44,9 +44,10 @@ import torch
 import torch.nn.functional as F
 
 from model.acquisition import needs_mean_entropy, score_moments, select_pixels
-from model.calibration import image_value, squash
+from model.calibration import squash
+from model.grid import GridScores, grid_scores, pixel_scores
 from model.data import IGNORE_INDEX
-from model.mc_dropout import mc_moments, mc_moments_and_embeddings
+from model.mc_dropout import mc_moments, mc_moments_and_embeddings, to_image_resolution
 from model.moments import entropy
 from model.regions import RegionProjector, acquire_regions
 from model.superpixels import (
@@ -185,39 +186,41 @@ class Predictor:
         generator = torch.Generator().manual_seed(_task_seed(settings.seed, task))
 
         evidence = RegionEvidence()
+        points: GridScores | None = None  # the keypoints' scores, on the decoder grid or every pixel
         if served.model is None:  # cold start: random pixels and regions, no prediction
             probs = None
-            pixel_scores = torch.rand(height, width, generator=generator, dtype=torch.float64)
+            random_scores = torch.rand(height, width, generator=generator, dtype=torch.float64)
             function = "random (cold start)"
         else:
-            device = next(served.model.parameters()).device
-            image = work.image.to(device)
+            model = served.model
+            image = work.image.to(next(model.parameters()).device)
+            moment_options = {"mean_entropy": self._needs_mean_entropy, "image_resolution": False}
             if self._clusters_regions(served, schema):
-                moments, embeddings = mc_moments_and_embeddings(
-                    served.model, image, settings.mc_samples, generator, mean_entropy=self._needs_mean_entropy
+                coarse, embeddings = mc_moments_and_embeddings(
+                    model, image, settings.mc_samples, generator, **moment_options
                 )
                 evidence.embeddings = embeddings.cpu()  # [P, h/4, w/4], decoder resolution
-                evidence.grid_size = served.model.padded_size((height, width))
+                evidence.grid_size = model.padded_size((height, width))
                 evidence.projector = served.projector
             else:
-                moments = mc_moments(
-                    served.model, image, settings.mc_samples, generator=generator, mean_entropy=self._needs_mean_entropy
-                )[0]
-            moments = moments.map_spatial(lambda t: t.cpu())
-            probs = moments.mean  # [C, h, w]
-            pixel_scores = self._acquisition_scores(moments, labeled, generator)
+                coarse = mc_moments(model, image, settings.mc_samples, generator=generator, **moment_options)[0]
+            full = None  # [C, H, W] moments: for regions, and for keypoints scored at every pixel
+            if self._proposes_regions(schema) or settings.point_grid == "image":
+                full = to_image_resolution(model, coarse, (height, width)).map_spatial(lambda t: t.cpu())
+            points = self._point_scores(model, coarse, full, labeled, generator)
             function = settings.acquisition
-            evidence.probs = probs
+            probs = None if full is None else full.mean  # [C, h, w]
             if self._proposes_regions(schema):  # keypoints alone need no region evidence
+                evidence.probs = probs
                 if settings.region_score == "balent":
-                    evidence.pixel_scores = score_moments("balent", moments, generator=generator)
+                    evidence.pixel_scores = score_moments("balent", full, generator=generator)
                 else:
                     evidence.pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
 
-        if served.model is None:  # cold start: the task's rank is a uniform draw too
+        if points is None:  # cold start: the task's rank is a uniform draw too
             task_value = float(torch.rand((), generator=generator, dtype=torch.float64))
         else:
-            task_value = image_value(pixel_scores, labeled)
+            task_value = points.value()
         informativeness = self.informativeness(served, task_value)
         # NaN (every pixel labeled) is not JSON: None
         acquisition = {"function": function, "task_value": task_value if math.isfinite(task_value) else None}
@@ -225,16 +228,24 @@ class Predictor:
         results: list[dict] = []
         keypoints = schema.control("keypoint")
         if keypoints is not None and settings.points_per_task > 0:
-            coords = select_pixels(pixel_scores, settings.points_per_task, labeled)
-            for row, col in coords.tolist():
-                label, confidence = self._label_at(schema, keypoints.labels, probs, row, col)
+            if points is None:
+                chosen = select_pixels(random_scores, settings.points_per_task, labeled)
+                proposals = [(row, col, None, float(random_scores[row, col])) for row, col in chosen.tolist()]
+            else:
+                nodes, pixels = points.select(settings.points_per_task)
+                proposals = [
+                    (row, col, points.mean[:, node_row, node_col], float(points.scores[node_row, node_col]))
+                    for (node_row, node_col), (row, col) in zip(nodes.tolist(), pixels.tolist())
+                ]
+            for row, col, mean, value in proposals:
+                label, confidence = self._label_at(schema, keypoints.labels, mean)
                 region = keypoint_region(
                     row, col, label=label, score=confidence, from_name=keypoints.name, to_name=schema.image_name,
                     width=width, height=height,
                 )
                 # percent coordinates are the same at any resolution; Label Studio wants the shown size
                 region["original_height"], region["original_width"] = work.original_size
-                region["acquisition"] = {**acquisition, "value": float(pixel_scores[row, col])}
+                region["acquisition"] = {**acquisition, "value": value}
                 results.append(region)
         region_function = function if probs is None else f"summed {settings.region_score}"
         for region, value in self._regions(schema, task, work, labeled, evidence, generator):
@@ -266,23 +277,32 @@ class Predictor:
         """``image_value`` of an image ``[3, h, w]`` under `model`, `labeled` ``[h, w]`` excluded."""
         generator = torch.Generator().manual_seed(seed)
         device = next(model.parameters()).device
-        moments = mc_moments(
+        coarse = mc_moments(
             model,
             image.to(device),
             self.settings.mc_samples,
             generator=generator,
             mean_entropy=self._needs_mean_entropy,
+            image_resolution=False,
         )[0]
-        pixel_scores = self._acquisition_scores(moments.map_spatial(lambda t: t.cpu()), labeled, generator)
-        return image_value(pixel_scores, labeled)
+        full = None
+        if self.settings.point_grid == "image":
+            full = to_image_resolution(model, coarse, tuple(labeled.shape)).map_spatial(lambda t: t.cpu())
+        return self._point_scores(model, coarse, full, labeled, generator).value()
 
-    def _acquisition_scores(self, moments, labeled: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``[h, w]`` SEGAL_ACQUISITION scores of unlabeled pixels: one definition for the
-        proposals and for the values a score scale is fitted on."""
+    def _point_scores(
+        self, model, coarse, full, labeled: torch.Tensor, generator: torch.Generator
+    ) -> GridScores:
+        """The SEGAL_ACQUISITION scores that choose the keypoints and give the task's value (one
+        definition for the proposals and for the values a score scale is fitted on): on the
+        decoder's grid from `coarse` ``[C, h/4, w/4]``, or at every pixel from `full` ``[C, h, w]``
+        (SEGAL_POINT_GRID)."""
         settings = self.settings
-        return score_moments(
-            settings.acquisition, moments, budget=settings.points_per_task, candidates=~labeled, generator=generator
-        )
+        options = {"budget": settings.points_per_task, "generator": generator}
+        if settings.point_grid == "image":
+            return pixel_scores(settings.acquisition, full, labeled, **options)
+        size = tuple(labeled.shape)
+        return grid_scores(settings.acquisition, coarse, size, model.padded_size(size), labeled, **options)
 
     def superpixels_for(self, schema: LabelSchema, task: dict, work: WorkingImage) -> np.ndarray | None:
         """The image's SEEDS superpixels ``[h, w]`` (cached by URL and size), None without a region control."""
@@ -322,14 +342,14 @@ class Predictor:
             and served.model.projection is not None
         )
 
-    def _label_at(self, schema: LabelSchema, allowed: tuple[str, ...], probs, row: int, col: int) -> tuple[str, float]:
-        """The most probable allowed label at a pixel and its probability (1 / labels before training)."""
-        if probs is None:
+    def _label_at(self, schema: LabelSchema, allowed: tuple[str, ...], mean: torch.Tensor | None) -> tuple[str, float]:
+        """The most probable allowed label under the MC mean ``[C]`` at a point, and its
+        probability (1 / labels before training, when there is no mean)."""
+        if mean is None:
             return allowed[0], 1.0 / len(allowed)
         index = schema.class_index
-        column = probs[:, row, col]
-        label = max(allowed, key=lambda name: float(column[index[name]]))
-        return label, float(column[index[label]])
+        label = max(allowed, key=lambda name: float(mean[index[name]]))
+        return label, float(mean[index[label]])
 
     def _regions(
         self,

@@ -49,6 +49,7 @@ class GridScores:
     exclude: torch.Tensor  # [h', w'] bool, nodes whose pixel is labeled
     rows: torch.Tensor  # [h'] long, image row of each node row
     cols: torch.Tensor  # [w'] long, image column of each node column
+    mean: torch.Tensor  # [C, h', w'] float64, the MC mean at each node: the label to propose there
 
     def select(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The n best nodes outside `exclude`, best first: (nodes [k, 2], image pixels [k, 2])."""
@@ -85,4 +86,21 @@ def grid_scores(
             raise ValueError(f"exclude has shape {tuple(exclude.shape)}, the image {tuple(size)}.")
         node_exclude = exclude.cpu()[rows][:, cols]
     scores = score_moments(name, inside, budget=budget, candidates=~node_exclude, generator=generator)
-    return GridScores(scores.cpu(), node_exclude, rows, cols)
+    return GridScores(scores.cpu(), node_exclude, rows, cols, inside.mean)
+
+
+def pixel_scores(
+    name: str,
+    moments: MCMoments,
+    exclude: torch.Tensor | None = None,
+    budget: int = DEFAULT_BUDGET,
+    generator: torch.Generator | None = None,
+) -> GridScores:
+    """The same, scoring every image pixel: `moments` ``[C, H, W]`` at the image resolution
+    (the interpolated moments); every pixel is a node."""
+    height, width = moments.spatial_shape
+    moments = moments.map_spatial(lambda t: t.cpu())
+    exclude = torch.zeros(height, width, dtype=torch.bool) if exclude is None else exclude.cpu()
+    candidates = ~exclude
+    scores = score_moments(name, moments, budget=budget, candidates=candidates, generator=generator)
+    return GridScores(scores.cpu(), exclude, torch.arange(height), torch.arange(width), moments.mean)

@@ -116,10 +116,10 @@ def mc_moments(
         moments = _moments_from_features(model, features, num_samples, generator, chunk_size, mean_entropy)
     if not image_resolution:
         return moments
-    return [_to_image_resolution(model, m, tuple(images.shape[-2:])) for m in moments]
+    return [to_image_resolution(model, m, tuple(images.shape[-2:])) for m in moments]
 
 
-def _to_image_resolution(model: BayesianSegmenter, moments: MCMoments, size: tuple[int, int]) -> MCMoments:
+def to_image_resolution(model: BayesianSegmenter, moments: MCMoments, size: tuple[int, int]) -> MCMoments:
     """Decoder-resolution moments ``[C, h, w]`` -> ``[C, H, W]``, bilinear (``model.upsample``)."""
     return moments.map_spatial(lambda maps: model.upsample(maps.unsqueeze(0), size).squeeze(0))
 
@@ -150,11 +150,13 @@ def mc_moments_and_embeddings(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     mean_entropy: bool = True,
+    image_resolution: bool = True,
 ) -> tuple[MCMoments, torch.Tensor]:
     """One image's MC moments ``[C, H, W]`` and its unit pixel embeddings ``[P, h, w]`` at the
     decoder's resolution, from a single encoder/decoder pass.
 
-    The moments equal ``mc_moments``'s for the same generator state and arguments. The
+    The moments equal ``mc_moments``'s for the same generator state and arguments
+    (``image_resolution=False``: at the decoder's resolution, ``[C, h, w]``). The
     embeddings (the projection head's) give paper 004's region features: they cover the padded image grid
     ``model.padded_size((H, W))``, which is the `grid_size` to pass to
     ``model.regions.region_embeddings`` / ``acquire_regions``. They are not upsampled here:
@@ -165,7 +167,9 @@ def mc_moments_and_embeddings(
         features = model.features(images)  # [1, D, h, w]
         embeddings = model.embed(features)  # [1, P, h, w]
         moments = _moments_from_features(model, features, num_samples, generator, chunk_size, mean_entropy)[0]
-    return _to_image_resolution(model, moments, tuple(images.shape[-2:])), embeddings[0]
+    if image_resolution:
+        moments = to_image_resolution(model, moments, tuple(images.shape[-2:]))
+    return moments, embeddings[0]
 
 
 @torch.no_grad()

@@ -255,6 +255,46 @@ def test_trained_model_serves_versioned_balent_points(tmp_path, image_server, tr
     assert restarted.store.current("9").name == "segal-v1"
 
 
+def test_points_on_the_decoder_grid(tmp_path, image_server, trained_model):
+    """SEGAL_POINT_GRID=decoder: points at the decoder's nodes (pixel 4i + 2), labeled by the
+    node's MC mean; an answered node is not asked again; the task's value is the one the score
+    scale is fitted on (``task_value``)."""
+    from backend.convert import keypoint_region
+    from backend.label_config import parse_label_config
+
+    settings = make_settings(tmp_path, SEGAL_MC_SAMPLES=8, SEGAL_POINT_GRID="decoder")
+    backend = ActiveLearningBackend(settings)
+    backend.store.publish("9", trained_model, tuple(CLASSES), extra={})
+    config = label_config("KeyPointLabels")
+    client = create_app(settings, backend).test_client()
+
+    def predict(tasks):
+        return client.post("/predict", json={"tasks": tasks, "project": "9.1", "label_config": config}).json["results"]
+
+    def pixels_of(result):
+        return [percent_to_pixel(p["value"]["x"], p["value"]["y"], 480, 360) for p in result["result"]]
+
+    tasks = tasks_for(image_server)
+    schema, served = parse_label_config(config), backend.store.current("9")
+    for task, result in zip(tasks, predict(tasks)):
+        points = result["result"]
+        values = [p["acquisition"]["value"] for p in points]
+        assert len(points) == 5 and values == sorted(values, reverse=True)
+        assert all(row % 4 == 2 and col % 4 == 2 for row, col in pixels_of(result))
+        assert all(0.0 < p["score"] <= 1.0 and p["value"]["keypointlabels"][0] in CLASSES for p in points)
+        assert points[0]["acquisition"]["task_value"] == pytest.approx(np.median(values))
+        work = backend.predictor.load(schema, task)
+        assert backend.predictor.task_value(served, schema, work, task) == points[0]["acquisition"]["task_value"]
+    # the annotator answers the first task's best point: the next prediction asks the other four, then a new one
+    first = predict(tasks[:1])[0]
+    (row, col), label = pixels_of(first)[0], first["result"][0]["value"]["keypointlabels"][0]
+    answer = keypoint_region(row, col, label=label, score=1.0, from_name="keypointlabels", to_name="image",
+                             width=480, height=360)
+    answered = tasks_for(image_server, {0: [{"result": [answer], "was_cancelled": False}]})[:1]
+    again = pixels_of(predict(answered)[0])
+    assert (row, col) not in again and again[:4] == pixels_of(first)[1:]
+
+
 def test_redirects_are_not_followed(tmp_path, image_server):
     """An allowed host cannot bounce the backend to another one."""
     import http.server
