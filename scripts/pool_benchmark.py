@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from ls_harness import LabelStudioServer, camvid_label_config, import_images  # noqa: E402
 
 from backend.config import Settings  # noqa: E402
+from model.grid import GRIDS  # noqa: E402
 from backend.label_config import parse_label_config  # noqa: E402
 from backend.service import ActiveLearningBackend  # noqa: E402
 from model.network import ModelConfig, build_model  # noqa: E402
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", type=int, default=50, help="tasks of the small pool (default 50)")
     parser.add_argument("--regions", action="store_true", help="BrushLabels too (superpixel regions per task)")
     parser.add_argument("--procs", type=int, default=1, help="pool job processes (SEGAL_TRAIN_PROCS; default 1)")
+    parser.add_argument("--point-grid", choices=GRIDS, help="SEGAL_POINT_GRID (default: the backend's default)")
     parser.add_argument(
         "--camvid", type=Path, default=Path(os.environ.get("CAMVID_DIR", REPO.parent / "shared" / "datasets" / "camvid"))
     )
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                 # no automatic jobs (start-up resume, /setup): the benchmark runs each job itself
                 "SEGAL_SCORE_POOL": "off",
                 "SEGAL_TRAIN_PROCS": str(args.procs),
+                **({"SEGAL_POINT_GRID": args.point_grid} if args.point_grid else {}),
             }
         )
         backend = ActiveLearningBackend(settings)
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         forward_cpu = statistics.median(cpu for _, cpu in forwards)
     kind = "keypoints + brush regions" if args.regions else "keypoints only"
     print(f"pool scoring through Label Studio 1.23.2, {kind}, {settings.mc_samples} MC samples, "
-          f"{args.procs} process(es), torch threads {torch.get_num_threads()} (plain forward)")
+          f"{args.procs} process(es), points scored on the {settings.point_grid} grid, "
+          f"torch threads {torch.get_num_threads()} (plain forward)")
     quartiles = statistics.quantiles([wall for wall, _ in forwards], n=4)
     print(f"plain forward, one 480x360 image: median {forward * 1000:.0f} ms wall, {forward_cpu * 1000:.0f} ms CPU "
           f"over {len(forwards)} (wall quartiles {quartiles[0] * 1000:.0f}-{quartiles[2] * 1000:.0f} ms)")

@@ -34,6 +34,7 @@ from backend.app import create_app  # noqa: E402
 from backend.config import Settings  # noqa: E402
 from backend.service import ActiveLearningBackend  # noqa: E402
 from model.data import CAMVID_CLASSES, load_image  # noqa: E402
+from model.grid import GRIDS  # noqa: E402
 from model.regions import RegionProjector  # noqa: E402
 from model.training import TrainConfig, train  # noqa: E402
 
@@ -58,12 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="segal-predict-bench-") as work, RecordingServer(
         {"/frame.png": image_path.read_bytes()}
     ) as images:
-        settings = Settings.from_env({"MODEL_DIR": str(Path(work) / "models"), "SEGAL_ALLOWED_HOSTS": "127.0.0.1",
-                                      "SEGAL_SCORE_POOL": "off"})  # fmt: skip
+        environment = {"MODEL_DIR": str(Path(work) / "models"), "SEGAL_ALLOWED_HOSTS": "127.0.0.1",
+                       "SEGAL_SCORE_POOL": "off"}  # fmt: skip
+        settings = Settings.from_env(environment)
         backend = ActiveLearningBackend(settings)
         trained_version(backend, "1")
         served = backend.store.current("1")
-        client = create_app(settings, backend).test_client()
+        clients = {}  # one app per SEGAL_POINT_GRID, serving the same saved version
+        for grid in GRIDS:
+            grid_settings = Settings.from_env({**environment, "SEGAL_POINT_GRID": grid})
+            clients[grid] = create_app(grid_settings, ActiveLearningBackend(grid_settings)).test_client()
         task = {"id": 1, "data": {"image": f"{images.url}/frame.png"}}
         frame = load_image(image_path)[None]  # [1, 3, 360, 480], the task's own image
 
@@ -71,13 +76,18 @@ def main(argv: list[str] | None = None) -> None:
             with torch.inference_mode():
                 served.model(frame)
 
-        def predict(config):
-            response = client.post("/predict", json={"tasks": [task], "project": "1.0", "label_config": config})
+        def predict(config, grid):
+            request = {"tasks": [task], "project": "1.0", "label_config": config}
+            response = clients[grid].post("/predict", json=request)
             body = response.get_json()
             assert response.status_code == 200 and body["results"][0]["result"], body
 
         timed = {"plain forward": forward}
-        timed |= {f"/predict, {name}": (lambda c=config: predict(c)) for name, config in configs.items()}
+        timed |= {
+            f"/predict, {name}, {grid} grid": (lambda c=config, g=grid: predict(c, g))
+            for name, config in configs.items()
+            for grid in GRIDS
+        }
         for run in timed.values():  # warm: allocator, image cache, first transform
             run()
             run()
@@ -91,9 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     plain = medians["plain forward"]
     print(f"one 480x360 CamVid task, trained model, {settings.mc_samples} MC samples, {settings.points_per_task} "
           f"points, {settings.regions_per_task} regions, torch threads {torch.get_num_threads()}, "
-          f"median of {args.repeats} interleaved rounds")
+          f"median of {args.repeats} interleaved rounds; points scored on every pixel (image grid) or on the "
+          "decoder's nodes (SEGAL_POINT_GRID)")
     for name, median in medians.items():
-        print(f"  {name:<36} {median * 1000:7.0f} ms   {median / plain:5.2f}x plain forward")
+        print(f"  {name:<50} {median * 1000:7.0f} ms   {median / plain:5.2f}x plain forward")
 
 
 if __name__ == "__main__":
