@@ -3,7 +3,8 @@
 For each task: MC-dropout moments of the served model at a working resolution (longest
 side <= SEGAL_MAX_SIDE), then
 - the n most informative pixels by the configured acquisition, as KeyPointLabels results
-  labeled with the predicted class;
+  labeled with the predicted class (scored at every pixel, or on the decoder's nodes with
+  SEGAL_POINT_GRID=decoder; ``model.grid``);
 - SEEDS superpixels by paper 004's method once a trained model has a region projector:
   region features are the teacher's mean pixel embedding, mapped by the UMAP fitted on
   the memory bank, clustered by KMeans with k = SEGAL_REGIONS_PER_TASK, and the most
@@ -45,8 +46,8 @@ import torch.nn.functional as F
 
 from model.acquisition import needs_mean_entropy, score_moments, select_pixels
 from model.calibration import squash
-from model.grid import GridScores, grid_scores, pixel_scores
 from model.data import IGNORE_INDEX
+from model.grid import GridScores, grid_scores, pixel_scores
 from model.mc_dropout import mc_moments, mc_moments_and_embeddings, to_image_resolution
 from model.moments import entropy
 from model.regions import RegionProjector, acquire_regions
@@ -290,9 +291,7 @@ class Predictor:
             full = to_image_resolution(model, coarse, tuple(labeled.shape)).map_spatial(lambda t: t.cpu())
         return self._point_scores(model, coarse, full, labeled, generator).value()
 
-    def _point_scores(
-        self, model, coarse, full, labeled: torch.Tensor, generator: torch.Generator
-    ) -> GridScores:
+    def _point_scores(self, model, coarse, full, labeled: torch.Tensor, generator: torch.Generator) -> GridScores:
         """The SEGAL_ACQUISITION scores that choose the keypoints and give the task's value (one
         definition for the proposals and for the values a score scale is fitted on): on the
         decoder's grid from `coarse` ``[C, h/4, w/4]``, or at every pixel from `full` ``[C, h, w]``
