@@ -281,6 +281,23 @@ def test_selection_config_errors_and_old_runs_without_it(camvid_dir, tmp_path, c
     assert not any(tmp_path.iterdir())
 
 
+def _record_training(monkeypatch):
+    """Record every cycle's TrainConfig and the trained EMA teacher's weights (two lists)."""
+    from model.simulation import loop
+
+    configs, teachers = [], []
+    real_train = loop.train
+
+    def recording_train(model, samples, config, *args, **kwargs):
+        configs.append(config)
+        result = real_train(model, samples, config, *args, **kwargs)
+        teachers.append({name: value.clone() for name, value in result.teacher.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(loop, "train", recording_train)
+    return configs, teachers
+
+
 def test_pixel_queries_on_the_decoder_grid_ask_node_pixels(camvid_dir, tmp_path):
     from model.simulation.config import differences
     from model.simulation.plots import run_label
@@ -308,20 +325,10 @@ def test_random_regions_can_train_as_umap_kmeans_does(camvid_dir, tmp_path, monk
     """``training="contrastive"``: a rank run trained and served paper 004's way, so that it differs
     from umap-kmeans by the selection alone."""
     from model.checkpoint import load_checkpoint
-    from model.simulation import loop
     from model.simulation.config import differences
     from model.simulation.plots import run_label
 
-    configs, teachers = [], []
-    real_train = loop.train
-
-    def recording_train(model, samples, config, *args, **kwargs):
-        configs.append(config)
-        result = real_train(model, samples, config, *args, **kwargs)
-        teachers.append({name: value.clone() for name, value in result.teacher.state_dict().items()})
-        return result
-
-    monkeypatch.setattr(loop, "train", recording_train)
+    configs, teachers = _record_training(monkeypatch)
     regions = {**CLUSTERED, "acquisition": "random", "selection": "rank"}
     config = tiny(camvid_dir, cycles=2, training="contrastive", **regions)
     result = run_simulation(config, tmp_path, progress=False, log=lambda _: None)
@@ -353,20 +360,10 @@ def test_random_regions_can_train_as_umap_kmeans_does(camvid_dir, tmp_path, monk
 
 def test_semi_supervised_runs_train_the_teacher_on_pseudo_labels(camvid_dir, tmp_path, monkeypatch):
     from model.checkpoint import load_checkpoint
-    from model.simulation import loop
     from model.simulation.config import PROFILES, differences
     from model.simulation.plots import run_label
 
-    configs, teachers = [], []
-    real_train = loop.train
-
-    def recording_train(model, samples, config, *args, **kwargs):
-        configs.append(config)
-        result = real_train(model, samples, config, *args, **kwargs)
-        teachers.append({name: value.clone() for name, value in result.teacher.state_dict().items()})
-        return result
-
-    monkeypatch.setattr(loop, "train", recording_train)
+    configs, teachers = _record_training(monkeypatch)
     config = tiny(camvid_dir, cycles=2, semi=True, warm_start=True)
     result = run_simulation(config, tmp_path, progress=False, log=lambda _: None)
     assert result.folder.name == "pixel-balent-semi-seed0"
