@@ -205,10 +205,10 @@ class Predictor:
                 evidence.projector = served.projector
             else:
                 coarse = mc_moments(model, image, settings.mc_samples, generator=generator, **moment_options)[0]
-            full = None  # [C, H, W] moments: for regions, and for keypoints scored at every pixel
-            if self._proposes_regions(schema) or settings.point_grid == "image":
+            full = None  # [C, H, W] moments, which the regions need
+            if self._proposes_regions(schema):
                 full = to_image_resolution(model, coarse, (height, width)).map_spatial(lambda t: t.cpu())
-            points = self._point_scores(model, coarse, full, labeled, generator)
+            points = self._point_scores(model, coarse, labeled, generator, full)
             function = settings.acquisition
             probs = None if full is None else full.mean  # [C, h, w]
             if self._proposes_regions(schema):  # keypoints alone need no region evidence
@@ -286,21 +286,22 @@ class Predictor:
             mean_entropy=self._needs_mean_entropy,
             image_resolution=False,
         )[0]
-        full = None
-        if self.settings.point_grid == "image":
-            full = to_image_resolution(model, coarse, tuple(labeled.shape)).map_spatial(lambda t: t.cpu())
-        return self._point_scores(model, coarse, full, labeled, generator).value()
+        return self._point_scores(model, coarse, labeled, generator).value()
 
-    def _point_scores(self, model, coarse, full, labeled: torch.Tensor, generator: torch.Generator) -> GridScores:
+    def _point_scores(
+        self, model, coarse, labeled: torch.Tensor, generator: torch.Generator, full=None
+    ) -> GridScores:
         """The SEGAL_ACQUISITION scores that choose the keypoints and give the task's value (one
         definition for the proposals and for the values a score scale is fitted on): on the
-        decoder's grid from `coarse` ``[C, h/4, w/4]``, or at every pixel from `full` ``[C, h, w]``
-        (SEGAL_POINT_GRID)."""
+        decoder's grid from `coarse` ``[C, h/4, w/4]``, or at every pixel (SEGAL_POINT_GRID) of the
+        image-resolution moments ``[C, h, w]``, `full` when the caller has them already."""
         settings = self.settings
         options = {"budget": settings.points_per_task, "generator": generator}
-        if settings.point_grid == "image":
-            return pixel_scores(settings.acquisition, full, labeled, **options)
         size = tuple(labeled.shape)
+        if settings.point_grid == "image":
+            if full is None:
+                full = to_image_resolution(model, coarse, size).map_spatial(lambda t: t.cpu())
+            return pixel_scores(settings.acquisition, full, labeled, **options)
         return grid_scores(settings.acquisition, coarse, size, model.padded_size(size), labeled, **options)
 
     def superpixels_for(self, schema: LabelSchema, task: dict, work: WorkingImage) -> np.ndarray | None:

@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from ls_harness import LabelStudioServer, camvid_label_config, import_images  # noqa: E402
 
 from backend.config import Settings  # noqa: E402
-from model.grid import GRIDS  # noqa: E402
 from backend.label_config import parse_label_config  # noqa: E402
 from backend.service import ActiveLearningBackend  # noqa: E402
+from model.grid import GRIDS  # noqa: E402
 from model.network import ModelConfig, build_model  # noqa: E402
 
 SETTLE_SECONDS = 5

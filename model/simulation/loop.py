@@ -275,9 +275,9 @@ def _query_all(model, pool: LabelPool, config: SimulationConfig, cycle: int, pro
     query_generator = torch.Generator().manual_seed(derive_seed(config.seed, cycle, QUERY))
     batches = list(same_shape_batches(pool.images, config.eval_batch_size))
     with_mean_entropy = needs_mean_entropy(config.acquisition)
+    on_grid = config.mode == "pixel" and config.pixel_grid == "decoder"
     for batch in tqdm(batches, desc=f"query ({config.acquisition})", leave=False, disable=not progress):
         stacked = torch.stack([pool.images[i] for i in batch]).to(device)  # [B, 3, H, W]
-        on_grid = config.mode == "pixel" and config.pixel_grid == "decoder"
         batch_moments = mc_moments(
             model,
             stacked,
