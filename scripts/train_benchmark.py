@@ -122,7 +122,7 @@ def val_miou(model, camvid: Path = CAMVID) -> float:
 def settings_from(args) -> Settings:
     """The backend's settings, with what the command line changes (unset: the backend's default)."""
     given = {"SEGAL_TRAIN_PRECISION": args.precision, "SEGAL_TRAIN_CHANNELS_LAST": args.channels_last,
-             "SEGAL_TRAIN_STEPS": args.steps}  # fmt: skip
+             "SEGAL_TRAIN_STEPS": args.steps, "SEGAL_EMA_DECAY": args.ema_decay}  # fmt: skip
     return Settings.from_env({name: str(value) for name, value in given.items() if value is not None})
 
 
@@ -139,15 +139,20 @@ def run_quality(args) -> None:
     for seed in args.seeds:
         settings = dataclasses.replace(settings, seed=seed)
         config = train_config(settings, samples, warm_start=False)
+        if args.lr is not None:
+            config = dataclasses.replace(config, lr=args.lr)
         model = default_model(settings, seed)
         result = train(model, samples, config)
         served = result.teacher if result.teacher is not None else model
         append(args.out, {
             "mode": "quality", "seed": seed, "steps": result.steps, "precision": result.precision,
-            "channels_last": config.channels_last, "train_seconds": round(result.seconds, 1),
+            "channels_last": config.channels_last, "lr": config.lr, "ema_decay": config.ema_decay,
+            "train_seconds": round(result.seconds, 1),
             "seconds_per_step": round(result.seconds / max(result.steps, 1), 3),
-            "val_miou": round(val_miou(served), 4), "labeled_pixels": result.num_labeled_pixels,
-            "threads": torch.get_num_threads(),
+            "val_miou": round(val_miou(served), 4),
+            # the student beside the served teacher: what the teacher's lag costs at this schedule
+            "student_val_miou": round(val_miou(model), 4) if result.teacher is not None else None,
+            "labeled_pixels": result.num_labeled_pixels, "threads": torch.get_num_threads(),
         })
 
 
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", help="SEGAL_TRAIN_PRECISION (default: the backend's)")
     parser.add_argument("--channels-last", help="SEGAL_TRAIN_CHANNELS_LAST (default: the backend's)")
     parser.add_argument("--steps", help="SEGAL_TRAIN_STEPS: a number or auto (default: the backend's)")
+    parser.add_argument("--ema-decay", help="SEGAL_EMA_DECAY (default: the backend's)")
+    parser.add_argument("--lr", type=float, help="quality mode: the run's learning rate (default: TrainConfig's)")
     parser.add_argument("--rounds", type=int, default=3, help="steps mode: interleaved rounds")
     parser.add_argument("--steps-per-round", type=int, default=4, help="steps mode: steps per configuration and round")
     parser.add_argument("--out", type=Path, default=REPO / "test-artifacts" / "train-benchmark.jsonl")
