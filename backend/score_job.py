@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from model.malloc import keep_freed_memory
+
 from .config import ConfigError, Settings
 from .images import ImageFetcher
 from .label_config import parse_label_config
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun: gone with torchrun, even after a SIGKILL
         die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     sys.exit(run(args.manifest))
 
 

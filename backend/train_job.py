@@ -46,6 +46,7 @@ import torch
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import IGNORE_INDEX
 from model.distributed import Distributed
+from model.malloc import keep_freed_memory
 from model.network import BayesianSegmenter, ModelConfig, build_model
 from model.training import TrainConfig, train
 
@@ -324,6 +325,10 @@ def _train(manifest: TrainingManifest, device: torch.device, distributed: Distri
         # semi-supervised runs: the last step's pseudo-label loss (None without the option)
         "final_pseudo_loss": result.pseudo_losses[-1] if result.pseudo_losses else None,
         "served": "ema_teacher" if result.teacher is not None else "student",
+        # labeled-pixel accuracy of both (model.training.TEACHER_TOLERANCE decides which is served)
+        "teacher_accuracy": None if result.teacher_accuracy is None else round(result.teacher_accuracy, 4),
+        "student_accuracy": None if result.student_accuracy is None else round(result.student_accuracy, 4),
+        "teacher_rejected": result.teacher_rejected,
         "seconds": round(result.seconds, 1),
         "precision": result.precision,
         "processes": world_size,
@@ -348,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun: gone with torchrun, even after a SIGKILL
         die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     sys.exit(run(args.manifest, args.device))
 
 

@@ -379,6 +379,8 @@ class Trainer:
                 "final_contrastive_loss": result.summary.get("final_contrastive_loss"),
                 "final_pseudo_loss": result.summary.get("final_pseudo_loss"),
                 "served": result.summary.get("served"),
+                "teacher_accuracy": result.summary.get("teacher_accuracy"),
+                "student_accuracy": result.summary.get("student_accuracy"),
                 "memory_bank_vectors": len(result.memory_bank) if result.memory_bank is not None else 0,
                 "projector_fit_seconds": round(projector.fit_seconds, 1) if projector is not None else None,
                 "seconds": result.summary.get("seconds"),

@@ -5,7 +5,9 @@
 Prints, for the default network (DeepLabV3+, tf_efficientnet_lite0, 11 classes):
 - MC inference with m = 20 over one plain forward (goal <= 1.3x),
 - BalEnt scoring over plain entropy on the same moments (goal <= 2x),
-- the peak memory each kind of inference adds to the process (Linux).
+- the peak memory each kind of inference adds to the process (Linux),
+- the plain forward and the MC moments with glibc's malloc defaults against ``model.malloc``'s
+  thresholds (fresh processes, alternated; Linux with glibc).
 Ratios are taken from interleaved runs in one process (medians), since the machine is noisy.
 """
 
@@ -22,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .malloc import keep_freed_memory
 
 DEFAULT_IMAGE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "camvid" / "val"
 NUM_CLASSES = 11
@@ -115,6 +119,47 @@ def _peak_memory(image_path: Path) -> dict[str, float]:
     return peaks
 
 
+def _malloc_probe(image_path: str, repeats: int) -> None:
+    """In a fresh process (SEGAL_MALLOC set by the caller): print the medians of a plain forward
+    and of the MC moments, and the peak memory they add, as JSON."""
+    from .mc_dropout import mc_moments
+
+    model, image = _load(Path(image_path))
+    generator = torch.Generator().manual_seed(0)
+
+    def plain():
+        with torch.no_grad():
+            model(image)
+
+    def mc():
+        mc_moments(model, image, NUM_SAMPLES, generator=generator)
+
+    plain(), mc()  # first calls: oneDNN primitives
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status_mib("VmRSS")
+    runs = _timings({"plain_forward": plain, "mc_dropout_m20": mc}, repeats)
+    figures = {name: statistics.median(values) for name, values in runs.items()}
+    print(json.dumps({**figures, "peak_added_mib": _proc_status_mib("VmHWM") - before}))
+
+
+def _malloc_comparison(image_path: Path, repeats: int, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Medians over `rounds` alternated fresh processes with glibc's defaults and with
+    ``keep_freed_memory`` (each process: `repeats` interleaved runs)."""
+    results: dict[str, list[dict]] = {"default": [], "keep": []}
+    for _ in range(rounds):
+        for choice in results:
+            out = subprocess.run(
+                [sys.executable, "-m", "model.benchmark", "--malloc-probe", "--repeats", str(repeats),
+                 "--image", str(image_path)],
+                capture_output=True, text=True, check=True,
+                env={**os.environ, "SEGAL_MALLOC": choice, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+            )  # fmt: skip
+            results[choice].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {
+        choice: {key: statistics.median(row[key] for row in rows) for key in rows[0]} for choice, rows in results.items()
+    }
+
+
 def run(image_path: Path, repeats: int) -> dict:
     from .acquisition import score_moments
     from .mc_dropout import mc_moments
@@ -168,18 +213,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--no-malloc", action="store_true", help="skip the glibc malloc comparison")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--malloc-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     image_path = _find_image(args.image)
     if args.memory_probe:
         _memory_probe(args.memory_probe, str(image_path))
         return
+    if args.malloc_probe:
+        _malloc_probe(str(image_path), args.repeats)
+        return
     print(f"image {image_path}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
     result = run(image_path, args.repeats)
     if not args.no_memory:
         result["peak_added_mib"] = _peak_memory(image_path)
+    if not args.no_malloc and Path("/proc/self/clear_refs").exists():
+        result["malloc"] = _malloc_comparison(image_path, args.repeats)
     seconds, ratios, best = result["seconds"], result["ratios"], result["ratios_of_fastest_runs"]
     print(f"\n| measure ({result['size']}, median of {args.repeats}) | value | ratio of the fastest runs |")
     print("|---|---|---|")
@@ -201,6 +254,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     for kind, mib in result.get("peak_added_mib", {}).items():
         print(f"| peak memory added by {kind} | {mib:.0f} MiB | |")
+    if "malloc" in result:
+        default, keep = result["malloc"]["default"], result["malloc"]["keep"]
+        print("\n| fresh processes, 3 alternated rounds | glibc defaults | kept freed memory (model/malloc.py) | ratio |")
+        print("|---|---|---|---|")
+        for key, label in (("plain_forward", "plain forward"), ("mc_dropout_m20", "MC dropout, m = 20")):
+            print(f"| {label} | {default[key] * 1e3:.0f} ms | {keep[key] * 1e3:.0f} ms | {keep[key] / default[key]:.2f}x |")
+        print(f"| peak memory added by both | {default['peak_added_mib']:.0f} MiB | {keep['peak_added_mib']:.0f} MiB | |")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -35,6 +35,7 @@ from backend.config import Settings  # noqa: E402
 from backend.service import ActiveLearningBackend  # noqa: E402
 from model.data import CAMVID_CLASSES, load_image  # noqa: E402
 from model.grid import GRIDS  # noqa: E402
+from model.malloc import keep_freed_memory  # noqa: E402
 from model.regions import RegionProjector  # noqa: E402
 from model.training import TrainConfig, train  # noqa: E402
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the backend's processes do (model/malloc.py)
     image_path = sorted((CAMVID / "val").glob("*.png"))[0]
     labels = "".join(f'<Label value="{name}"/>' for name in CAMVID_CLASSES)
     configs = {"keypoints only": KEYPOINTS_ONLY.format(labels=labels), "keypoints + brush regions": camvid_label_config()}

@@ -22,6 +22,7 @@ import torch
 
 from ..acquisition import names as acquisition_names
 from ..grid import GRIDS
+from ..malloc import keep_freed_memory
 from .config import MODES, PROFILES, SELECTIONS, SUPERVISED, TRAININGS, SimulationConfig, profile_config
 from .loop import ConfigMismatch, run_simulation
 from .plots import make_plots
@@ -151,6 +152,7 @@ def _acquisitions(requested: list[str] | None, selection: str) -> list[str | Non
 
 def simulate(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or Path("runs") / args.profile)
