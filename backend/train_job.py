@@ -320,6 +320,7 @@ def _train(manifest: TrainingManifest, device: torch.device, distributed: Distri
     extra = {
         "steps": result.steps,
         "skipped_steps": result.skipped_steps,
+        "nonfinite_steps": result.nonfinite_steps,
         "final_loss": result.losses[-1] if result.losses else None,
         "final_contrastive_loss": result.contrastive_losses[-1] if result.contrastive_losses else None,
         # semi-supervised runs: the last step's pseudo-label loss (None without the option)

@@ -375,6 +375,7 @@ class Trainer:
                 "images": state.images,
                 "labeled_pixels": state.labeled_pixels,
                 "steps": result.summary.get("steps"),
+                "nonfinite_steps": result.summary.get("nonfinite_steps"),
                 "final_loss": result.summary.get("final_loss"),
                 "final_contrastive_loss": result.summary.get("final_contrastive_loss"),
                 "final_pseudo_loss": result.summary.get("final_pseudo_loss"),

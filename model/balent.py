@@ -26,6 +26,12 @@ a and b are >= 6 (most classes of most pixels), the logarithms of g(a), g(b), g(
 psi(a+b) merge into one, ln(a b / (a+b)^3): two logarithms per class and pixel in all,
 against one for the entropy. See ``_balent_kernel`` for how the loops are laid out.
 
+Those logarithms are taken by ``_log_positive``, not libm: numba's LLVM has no vector math
+library (SVML) on this install, so ``math.log`` is a scalar call per element, and the two
+calls were 5.5 of the kernel's 9.3 ms on a 480x360 image. ``_log_positive`` splits the
+float64 bits into exponent and mantissa and sums an atanh series, all plain arithmetic that
+LLVM vectorizes: the kernel takes about a third of the time, within 1e-13 of the libm result.
+
 Numerical edge cases, chosen on purpose:
 - mean clamped to [MEAN_MIN, MEAN_MAX] = [1e-30, 1 - 1e-15]: float32 softmax gives exact
   0 and 1, and 1 - 1e-30 would round back to 1 in float64.
@@ -150,14 +156,47 @@ def _posterior_parameters(m: float, s: float, unbias: float) -> tuple[float, flo
     return mu, mu * common + 1.0, (1.0 - mu) * common
 
 
+_MANTISSA_BITS = 0x000FFFFFFFFFFFFF
+_EXPONENT_OF_ONE = 0x3FF0000000000000  # the bits of 1.0: exponent 0
+_SQRT2 = math.sqrt(2.0)
+# ln(m) = 2 atanh(s) = 2 s sum_j s^(2j) / (2j + 1), s = (m - 1) / (m + 1). For m in
+# [sqrt(1/2), sqrt(2)], |s| <= 0.1716 and s^2 <= 0.0295, so the terms after j = 9 are below
+# 3e-17 of the sum.
+_ATANH_SERIES = tuple(1.0 / (2 * j + 1) for j in range(10))
+
+
+@numba.njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _log_positive(x, scratch, out):
+    """out = ln(x) for 1-D contiguous float64 `x` of positive normal numbers (anything else
+    gives garbage, not an error); `scratch`: a float64 array as long. x = m 2^e with m in
+    [1, 2) read from the bits, then m halved (e + 1) above sqrt(2)."""
+    bits = x.view(np.int64)
+    mantissa = scratch.view(np.int64)
+    for k in range(x.shape[0]):
+        mantissa[k] = (bits[k] & _MANTISSA_BITS) | _EXPONENT_OF_ONE
+    c = _ATANH_SERIES
+    for k in range(x.shape[0]):
+        m = scratch[k]
+        exponent = float(((bits[k] >> 52) & 0x7FF) - 1023)
+        high = m > _SQRT2
+        m = m * 0.5 if high else m
+        exponent = exponent + 1.0 if high else exponent
+        s = (m - 1.0) / (m + 1.0)  # m - 1 is exact here
+        s2 = s * s
+        series = c[0] + s2 * (c[1] + s2 * (c[2] + s2 * (c[3] + s2 * (c[4] + s2 * (
+            c[5] + s2 * (c[6] + s2 * (c[7] + s2 * (c[8] + s2 * c[9]))))))))
+        out[k] = exponent * _LOG2 + 2.0 * s * series
+
+
 @numba.njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _balent_kernel(mean, second, num_samples, acquisition, out):  # pragma: no cover - numba
     """mean, second: [C, R, W] float64, any strides; out: [R, W] float64 (BalEnt or BalEntAcq).
 
     Image rows run in parallel, so a cropped (strided) view needs no copy. Inside a row,
     [C, W] scratch arrays keep the loops apart: the arithmetic (no calls, so LLVM
-    vectorizes it), the two logarithms per element (scalar libm calls), and the per-pixel
-    sums. Elements with alpha + 1 or beta below 6 (rare: tiny variance relative to a tiny
+    vectorizes it), the two logarithms per element (``_log_positive``: mu >= MEAN_MIN and
+    the ratio are positive normal numbers; a NaN pixel's garbage is overwritten below), and
+    the per-pixel sums. Elements with alpha + 1 or beta below 6 (rare: tiny variance relative to a tiny
     mean) take the general formula in one more loop.
     """
     num_classes, num_rows, size = mean.shape
@@ -189,12 +228,11 @@ def _balent_kernel(mean, second, num_samples, acquisition, out):  # pragma: no c
                 any_small |= is_small
                 ratio[c, i] = 1.0 if is_small else large_ratio
                 rest[c, i] = 0.0 if is_small else mu_ci * series
+        scratch = np.empty(num_classes * size)
         log_mu = np.empty((num_classes, size))
         log_ratio = np.empty((num_classes, size))
-        for c in range(num_classes):
-            for i in range(size):
-                log_mu[c, i] = math.log(mu[c, i])
-                log_ratio[c, i] = math.log(ratio[c, i])
+        _log_positive(mu.reshape(-1), scratch, log_mu.reshape(-1))
+        _log_positive(ratio.reshape(-1), scratch, log_ratio.reshape(-1))
         shannon = np.zeros(size)  # H[x]
         posterior = np.zeros(size)  # sum_i E[P_i] h(P_i+)
         for c in range(num_classes):

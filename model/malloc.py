@@ -45,7 +45,7 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    choice = os.environ.get(SETTING, "keep").strip().lower()
+    choice = os.environ.get(SETTING, "").strip().lower() or "keep"  # unset or empty (compose): keep
     if choice not in ("keep", "default"):
         log.warning("malloc: %s=%r is neither 'keep' nor 'default'; keeping glibc's defaults", SETTING, choice)
     if choice != "keep":

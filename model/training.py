@@ -190,6 +190,7 @@ class TrainResult:
     pseudo_losses: list[float] = field(default_factory=list)  # the unsupervised loss of the semi-supervised steps
     steps: int = 0  # optimizer steps taken
     skipped_steps: int = 0  # steps whose whole batch held no labeled pixel after cropping
+    nonfinite_steps: int = 0  # steps not applied: a gradient was NaN or infinite (bf16 / fp32; fp16's scaler skips its own)
     num_images: int = 0  # images with at least one label (the ones trained on)
     num_labeled_pixels: int = 0
     seconds: float = 0.0
@@ -393,6 +394,7 @@ def train(
     model.train()
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
+    contiguous_convs = keep_dilated_depthwise_contiguous(model, precision, layout, device)
     forward = _StudentForward(model, embed=result.memory_bank is not None)
     rank_generator = generator  # anchor sampling and ClassMix: per rank under DDP
     if distributed is not None:
@@ -459,6 +461,13 @@ def train(
                     result.pseudo_losses.append(float(unsupervised.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if not scaler.is_enabled() and not _finite_gradients(model):
+                    # one such update makes AdamW's moments NaN and the network with them (seen in bf16
+                    # runs); the gradients are all-reduced already, so every rank skips the same step
+                    _skip_nonfinite_step(result, step, total, float(loss.detach()))
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    continue
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -471,6 +480,8 @@ def train(
                 if progress is not None:
                     progress(step, total, result.losses[-1])
     finally:
+        for handle in contiguous_convs:
+            handle.remove()
         model.train(was_training)
         model.to(memory_format=torch.contiguous_format)
     if teacher is not None:
@@ -478,6 +489,56 @@ def train(
         _check_teacher(result, model, data, device, config.teacher_tolerance)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def keep_dilated_depthwise_contiguous(model: nn.Module, precision: str, layout: torch.memory_format,
+                                      device: torch.device) -> list:  # fmt: skip
+    """Run the dilated depthwise convolutions in the contiguous layout when a CPU step is bf16
+    and channels-last; returns the hooks to remove after training.
+
+    oneDNN (torch 2.13, CPU) computes the weight gradient of a depthwise convolution with
+    dilation 2 wrong in bf16 channels-last: off by more than its own size, at times 1e32, while
+    its forward and input gradient are right, and fp32 channels-last and bf16 contiguous are
+    right too. DeepLabV3+ dilates the encoder's last stages (EfficientNet-Lite0: blocks 5.1-6.0),
+    so every bf16 step trained four layers on garbage, and now and then an infinite gradient
+    made the whole network NaN (the runs that "collapsed"). Those convolutions, at 1/16 of the
+    image, get a contiguous weight and a contiguous input (a forward pre-hook); their output
+    goes back to channels-last at the next pointwise convolution.
+    """
+    if precision != "bf16" or layout != torch.channels_last or device.type != "cpu":
+        return []
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1 and max(module.dilation) > 1:
+            # clone: a [C, 1, k, k] weight is both contiguous and channels-last by its strides, so
+            # .contiguous() keeps the channels-last strides that oneDNN reads as its layout
+            module.weight.data = module.weight.data.clone(memory_format=torch.contiguous_format)
+            handles.append(module.register_forward_pre_hook(lambda _, inputs: (inputs[0].contiguous(), *inputs[1:])))
+    return handles
+
+
+# A run fails when more of its steps than this had NaN or infinite gradients (skipped, not applied).
+MAX_NONFINITE_FRACTION = 0.1
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps of a run had NaN or infinite gradients."""
+
+
+def _finite_gradients(model: nn.Module) -> bool:
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    return not gradients or bool(torch.isfinite(torch.nn.utils.get_total_norm(gradients)))
+
+
+def _skip_nonfinite_step(result: TrainResult, step: int, total: int, loss: float) -> None:
+    result.nonfinite_steps += 1
+    log.warning("step %d of %d: NaN or infinite gradients (loss %s); the step is skipped", step, total, loss)
+    if result.nonfinite_steps > max(1, MAX_NONFINITE_FRACTION * total):
+        raise TrainingDiverged(
+            f"training diverged: {result.nonfinite_steps} of the first {step} steps had NaN or infinite "
+            f"gradients (precision {result.precision}). Train in fp32 (SEGAL_TRAIN_PRECISION=fp32) or with a lower "
+            "learning rate."
+        )
 
 
 # The check of TrainConfig.teacher_tolerance: a teacher that lags far behind its student (a

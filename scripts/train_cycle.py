@@ -79,6 +79,7 @@ def run_cycle(args) -> None:
                 "SEGAL_SEED": str(seed),
                 "SEGAL_TRAIN_PRECISION": chosen.train_precision,
                 "SEGAL_TRAIN_CHANNELS_LAST": "on" if chosen.train_channels_last else "off",
+                "SEGAL_EMA_DECAY": str(chosen.ema_decay or 0),
             }
             env["SEGAL_TRAIN_STEPS"] = str(chosen.train_steps or "auto")
             backend = ActiveLearningBackend(Settings.from_env(env))
@@ -95,6 +96,10 @@ def run_cycle(args) -> None:
                 "mode": "cycle", "seed": seed, "seconds_to_version": round(seconds, 1),
                 "phases": {name: round(value, 1) for name, value in phases.items()},
                 "steps": served.extra.get("steps"), "precision": chosen.train_precision,
+                "trained_precision": served.extra.get("precision"), "ema_decay": chosen.ema_decay,
+                "served": served.extra.get("served"), "teacher_accuracy": served.extra.get("teacher_accuracy"),
+                "student_accuracy": served.extra.get("student_accuracy"),
+                "nonfinite_steps": served.extra.get("nonfinite_steps"),
                 "channels_last": chosen.train_channels_last, "images": state.get("images"),
                 "labeled_pixels": state.get("labeled_pixels"), "umap_warm_up_seconds": warm_seconds,
                 "projector_fit_seconds": served.extra.get("projector_fit_seconds"),

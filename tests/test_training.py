@@ -184,3 +184,61 @@ def test_a_teacher_far_worse_on_the_labeled_pixels_is_not_served(sparse_camvid):
     # the collapsed teacher is right exactly on the labeled pixels of that class
     labels = torch.cat([lab[lab != IGNORE_INDEX] for _, lab in sparse_camvid])
     assert broken.teacher_accuracy == pytest.approx(float((labels == CAMVID_CLASSES.index("Pedestrian")).float().mean()))
+
+
+def test_a_step_with_nan_gradients_is_skipped_and_the_weights_stay_finite(sparse_camvid):
+    """One NaN gradient (injected by a hook on the 3rd backward) would make AdamW's moments,
+    then every weight, NaN: the step is skipped instead. A run whose steps all fail stops."""
+    from model.training import TrainingDiverged
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES)))
+    backwards = []
+
+    def poison_third(grad):
+        backwards.append(1)
+        return grad * float("nan") if len(backwards) == 3 else grad
+
+    model.classifier.weight.register_hook(poison_third)
+    config = TrainConfig(steps=12, batch_size=2, crop_size=(90, 120), seed=0)
+    result = train(model, sparse_camvid, config)
+    assert result.nonfinite_steps == 1 and result.steps == 11 and len(result.losses) == 11
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in result.memory_bank.features)
+
+    broken = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES)))
+    broken.classifier.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(TrainingDiverged, match="SEGAL_TRAIN_PRECISION=fp32"):
+        train(broken, sparse_camvid, config)
+
+
+def test_bf16_channels_last_weight_gradients_of_the_dilated_convolutions_are_right():
+    """oneDNN's bf16 channels-last weight gradient of a dilated depthwise convolution is wrong
+    on this torch (off by more than its size); training runs those layers contiguous. Each
+    such layer of the default network, laid out as train() lays it out, against an fp32
+    contiguous copy on the same input and output gradient."""
+    from model.training import bf16_is_native, keep_dilated_depthwise_contiguous
+
+    if not bf16_is_native(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX)")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES))).train()
+    model.to(memory_format=torch.channels_last)
+    handles = keep_dilated_depthwise_contiguous(model, "bf16", torch.channels_last, torch.device("cpu"))
+    dilated = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1
+               and max(m.dilation) > 1]  # fmt: skip
+    assert len(handles) == len(dilated) >= 4  # DeepLabV3+ dilates the encoder's last stages (and ASPP)
+    for conv in dilated:
+        inputs = torch.randn(2, conv.in_channels, 23, 30).contiguous(memory_format=torch.channels_last)
+        upstream = torch.randn(2, conv.out_channels, 23, 30).contiguous(memory_format=torch.channels_last)
+        reference = copy.deepcopy(conv).to(memory_format=torch.contiguous_format)
+        reference._forward_pre_hooks.clear()
+        reference(inputs.contiguous()).backward(upstream.contiguous())
+        conv.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = conv(inputs)
+        output.backward(upstream.to(output.dtype))
+        error = float((conv.weight.grad - reference.weight.grad).abs().max() / reference.weight.grad.abs().max())
+        assert error < 0.05, (conv, error)
+    for handle in handles:
+        handle.remove()
