@@ -326,7 +326,7 @@ def _train(manifest: TrainingManifest, device: torch.device, distributed: Distri
         # semi-supervised runs: the last step's pseudo-label loss (None without the option)
         "final_pseudo_loss": result.pseudo_losses[-1] if result.pseudo_losses else None,
         "served": "ema_teacher" if result.teacher is not None else "student",
-        # labeled-pixel accuracy of both (model.training.TEACHER_TOLERANCE decides which is served)
+        # labeled-pixel accuracy of both (TrainConfig.teacher_tolerance decides which is served)
         "teacher_accuracy": None if result.teacher_accuracy is None else round(result.teacher_accuracy, 4),
         "student_accuracy": None if result.student_accuracy is None else round(result.student_accuracy, 4),
         "teacher_rejected": result.teacher_rejected,

@@ -43,7 +43,7 @@ def trained_version(backend: ActiveLearningBackend, project: str) -> None:
     items = labeled_set()
     samples = [(item.image, item.sparse) for item in items]
     model = default_model(backend.settings, 0)
-    result = train(model, samples, TrainConfig(steps=30, crop_size=(360, 480), precision="auto"))
+    result = train(model, samples, TrainConfig(steps=30, crop_size=(360, 480), precision="auto", teacher_tolerance=None))
     vectors, _ = result.memory_bank.vectors()
     projector = RegionProjector.fit(vectors.numpy(), seed=0)
     backend.store.publish(project, result.teacher, tuple(CAMVID_CLASSES), extra={},

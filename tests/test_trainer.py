@@ -136,7 +136,10 @@ def test_training_publishes_a_projector_and_regions_come_from_clusters(tmp_path,
     assert state["status"] == "succeeded", state["error"]
     served = backend.store.current("6")
     assert served.projector is not None and served.memory_bank is not None and len(served.memory_bank) >= 10
-    assert served.extra["served"] == "ema_teacher" and served.extra["memory_bank_vectors"] == len(served.memory_bank)
+    assert served.extra["memory_bank_vectors"] == len(served.memory_bank)
+    # the teacher of 6 steps may lag its student: the version says which was served, and why
+    teacher, student = served.extra["teacher_accuracy"], served.extra["student_accuracy"]
+    assert served.extra["served"] == ("student" if teacher < student - 0.05 else "ema_teacher"), served.extra
     assert (tmp_path / "models" / "6" / "model-v1.umap").is_file()
     assert backend.status()["projects"]["6"]["region_selection"] == "umap-kmeans"
 

@@ -176,6 +176,9 @@ def _train_cycle(
         contrastive_weight=CONTRASTIVE_WEIGHT if config.contrastive else 0.0,
         # semi: paper 003's pseudo labels come from the same EMA teacher (alpha 0.99)
         ema_decay=EMA_DECAY if config.teacher else None,
+        # the teacher is the one evaluated and querying (paper 004), however it compares with its
+        # student: the backend's teacher check would change the method under study
+        teacher_tolerance=None,
         semi_supervised=config.semi_supervised,
     )
     bar = tqdm(
