@@ -108,64 +108,26 @@ def _memory_probe(kind: str, image_path: str) -> None:
     print(_proc_status_mib("VmHWM") - before)
 
 
+def _fresh_process(args: list[str], **env: str) -> str:
+    """The last line this benchmark prints when run with `args` in a fresh process (same threads)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "model.benchmark", *args], capture_output=True, text=True, check=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **env},
+    )  # fmt: skip
+    return out.stdout.strip().splitlines()[-1]
+
+
 def _peak_memory(image_path: Path) -> dict[str, float]:
-    peaks = {}
-    for kind in ("plain", "mc_streamed", "mc_stored_full_res"):
-        out = subprocess.run(
-            [sys.executable, "-m", "model.benchmark", "--memory-probe", kind, "--image", str(image_path)],
-            capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-        )
-        peaks[kind] = float(out.stdout.strip().splitlines()[-1])
-    return peaks
-
-
-def _malloc_probe(image_path: str, repeats: int) -> None:
-    """In a fresh process (SEGAL_MALLOC set by the caller): print the medians of a plain forward
-    and of the MC moments, and the peak memory they add, as JSON."""
-    from .mc_dropout import mc_moments
-
-    model, image = _load(Path(image_path))
-    generator = torch.Generator().manual_seed(0)
-
-    def plain():
-        with torch.no_grad():
-            model(image)
-
-    def mc():
-        mc_moments(model, image, NUM_SAMPLES, generator=generator)
-
-    plain(), mc()  # first calls: oneDNN primitives
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _proc_status_mib("VmRSS")
-    runs = _timings({"plain_forward": plain, "mc_dropout_m20": mc}, repeats)
-    figures = {name: statistics.median(values) for name, values in runs.items()}
-    print(json.dumps({**figures, "peak_added_mib": _proc_status_mib("VmHWM") - before}))
-
-
-def _malloc_comparison(image_path: Path, repeats: int, rounds: int = 3) -> dict[str, dict[str, float]]:
-    """Medians over `rounds` alternated fresh processes with glibc's defaults and with
-    ``keep_freed_memory`` (each process: `repeats` interleaved runs)."""
-    results: dict[str, list[dict]] = {"default": [], "keep": []}
-    for _ in range(rounds):
-        for choice in results:
-            out = subprocess.run(
-                [sys.executable, "-m", "model.benchmark", "--malloc-probe", "--repeats", str(repeats),
-                 "--image", str(image_path)],
-                capture_output=True, text=True, check=True,
-                env={**os.environ, "SEGAL_MALLOC": choice, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-            )  # fmt: skip
-            results[choice].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {
-        choice: {key: statistics.median(row[key] for row in rows) for key in rows[0]} for choice, rows in results.items()
+        kind: float(_fresh_process(["--memory-probe", kind, "--image", str(image_path)]))
+        for kind in ("plain", "mc_streamed", "mc_stored_full_res")
     }
 
 
-def run(image_path: Path, repeats: int) -> dict:
-    from .acquisition import score_moments
+def _inference_calls(model, image: torch.Tensor) -> dict:
+    """The two timed calls on ``image [1, 3, H, W]``: a plain forward and the MC moments (returned)."""
     from .mc_dropout import mc_moments
 
-    model, image = _load(image_path)
-    height, width = image.shape[-2:]
     generator = torch.Generator().manual_seed(0)
 
     def plain():
@@ -175,10 +137,45 @@ def run(image_path: Path, repeats: int) -> dict:
     def mc():
         return mc_moments(model, image, NUM_SAMPLES, generator=generator)[0]
 
-    moments = mc()
+    return {"plain_forward": plain, "mc_dropout_m20": mc}
+
+
+def _malloc_probe(image_path: str, repeats: int) -> None:
+    """In a fresh process (SEGAL_MALLOC set by the caller): print the medians of a plain forward
+    and of the MC moments, and the peak memory they add, as JSON."""
+    calls = _inference_calls(*_load(Path(image_path)))
+    for call in calls.values():  # first calls: oneDNN primitives
+        call()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status_mib("VmRSS")
+    runs = _timings(calls, repeats)
+    figures = {name: statistics.median(values) for name, values in runs.items()}
+    print(json.dumps({**figures, "peak_added_mib": _proc_status_mib("VmHWM") - before}))
+
+
+def _malloc_comparison(image_path: Path, repeats: int, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Medians over `rounds` alternated fresh processes with glibc's defaults and with
+    ``keep_freed_memory`` (each process: `repeats` interleaved runs)."""
+    results: dict[str, list[dict]] = {"default": [], "keep": []}
+    args = ["--malloc-probe", "--repeats", str(repeats), "--image", str(image_path)]
+    for _ in range(rounds):
+        for choice in results:
+            results[choice].append(json.loads(_fresh_process(args, SEGAL_MALLOC=choice)))
+    return {
+        choice: {key: statistics.median(row[key] for row in rows) for key in rows[0]} for choice, rows in results.items()
+    }
+
+
+def run(image_path: Path, repeats: int) -> dict:
+    from .acquisition import score_moments
+
+    model, image = _load(image_path)
+    height, width = image.shape[-2:]
+    calls = _inference_calls(model, image)
+    moments = calls["mc_dropout_m20"]()
     for name in ("balent", "entropy"):  # warm-up: numba compiles (or loads its cache) once
         score_moments(name, moments)
-    inference = _timings({"plain_forward": plain, "mc_dropout_m20": mc}, repeats)
+    inference = _timings(calls, repeats)
     scoring = _timings(
         {
             "entropy": lambda: score_moments("entropy", moments),

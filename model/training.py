@@ -197,11 +197,15 @@ class TrainResult:
     precision: str = "fp32"  # the resolved TrainConfig.precision
     teacher: BayesianSegmenter | None = None  # the EMA teacher (eval mode), with ema_decay set and kept
     memory_bank: MemoryBank | None = None  # with contrastive_weight > 0
-    # with a teacher: both networks' accuracy on the labeled pixels of the training images
-    # (unaugmented, at most TEACHER_CHECK_IMAGES), and whether the teacher was dropped for it
+    # with a teacher checked: both networks' accuracy on the labeled pixels of the training
+    # images (unaugmented, at most TEACHER_CHECK_IMAGES)
     teacher_accuracy: float | None = None
     student_accuracy: float | None = None
-    teacher_rejected: bool = False
+
+    @property
+    def teacher_rejected(self) -> bool:
+        """A teacher was trained and checked, and the student is served instead."""
+        return self.teacher is None and self.teacher_accuracy is not None
 
 
 def _labeled_samples(
@@ -593,7 +597,6 @@ def _check_teacher(result: TrainResult, student: BayesianSegmenter, data, device
             100 * result.teacher_accuracy, 100 * result.student_accuracy,
         )
         result.teacher = None
-        result.teacher_rejected = True
 
 
 @torch.no_grad()

@@ -162,7 +162,7 @@ def test_automatic_schedule_grows_with_the_labeled_images_and_shrinks_when_warm(
 
 def test_a_teacher_far_worse_on_the_labeled_pixels_is_not_served(sparse_camvid):
     """The check after training: a healthy teacher is kept with both accuracies recorded; one
-    that predicts a single class everywhere (as two early bf16 runs did) is dropped for the student."""
+    that predicts a single class everywhere is dropped for the student."""
     from model.training import TrainResult, _check_teacher, labeled_accuracy
 
     torch.manual_seed(0)
