@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from model import acquisition_names
 from model.grid import GRIDS
-from model.training import PRECISIONS
+from model.precision import PRECISIONS
 
 from .launcher import check_command_template
 from .urls import UnsafeURL, normalize_host, parse_target
@@ -46,6 +46,8 @@ class Settings:
     mc_samples: int = 20  # SEGAL_MC_SAMPLES (m)
     superpixels: int = 300  # SEGAL_SUPERPIXELS: SEEDS superpixels asked for a 480x360 image
     region_score: str = "entropy"  # SEGAL_REGION_SCORE: entropy (paper 004, eq. 6) | balent, summed per region
+    # SEGAL_REGION_PRECISION: auto (bf16 where native) | fp32 | bf16 | fp16 (CUDA): the projection head at inference
+    region_precision: str = "auto"
     point_grid: str = "image"  # SEGAL_POINT_GRID: keypoints scored at every pixel (image) | the decoder's nodes
     max_side: int = 1024  # SEGAL_MAX_SIDE: images are downscaled to this longest side for the model
     train_every: int = 0  # SEGAL_TRAIN_EVERY: retrain every N new annotations (0: only on "Start training")
@@ -134,6 +136,7 @@ class Settings:
             mc_samples=reader.integer("SEGAL_MC_SAMPLES", 20, 1, 1_000),
             superpixels=reader.integer("SEGAL_SUPERPIXELS", 300, 4, 100_000),
             region_score=reader.choice("SEGAL_REGION_SCORE", "entropy", ("entropy", "balent")),
+            region_precision=reader.choice("SEGAL_REGION_PRECISION", "auto", PRECISIONS),
             point_grid=reader.choice("SEGAL_POINT_GRID", "image", GRIDS),
             max_side=reader.integer("SEGAL_MAX_SIDE", 1024, 32, 16_384),
             train_every=reader.integer("SEGAL_TRAIN_EVERY", 0, 0, 1_000_000),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from model.malloc import keep_freed_memory
+from model.process import prepare_process
 
 from .config import ConfigError, Settings
 from .images import ImageFetcher
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun: gone with torchrun, even after a SIGKILL
         die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keep_freed_memory()
+    prepare_process()
     sys.exit(run(args.manifest))
 
 

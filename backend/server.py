@@ -27,11 +27,11 @@ class _Gunicorn(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        from model.malloc import keep_freed_memory
+        from model.process import prepare_process
 
         from .app import create_app
 
-        keep_freed_memory()  # in the worker, before the models allocate anything
+        prepare_process()  # in the worker, before the models allocate anything
         _warm_up()
         return create_app(Settings.from_env())
 

@@ -46,7 +46,7 @@ import torch
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import IGNORE_INDEX
 from model.distributed import Distributed
-from model.malloc import keep_freed_memory
+from model.process import prepare_process
 from model.network import BayesianSegmenter, ModelConfig, build_model
 from model.training import TrainConfig, train
 
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun: gone with torchrun, even after a SIGKILL
         die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keep_freed_memory()
+    prepare_process()
     sys.exit(run(args.manifest, args.device))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .malloc import keep_freed_memory
+from .process import prepare_process
 
 DEFAULT_IMAGE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "camvid" / "val"
 NUM_CLASSES = 11
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--malloc-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    keep_freed_memory()
+    prepare_process()
     if args.threads:
         torch.set_num_threads(args.threads)
     image_path = _find_image(args.image)
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| peak memory added by {kind} | {mib:.0f} MiB | |")
     if "malloc" in result:
         default, keep = result["malloc"]["default"], result["malloc"]["keep"]
-        print("\n| fresh processes, 3 alternated rounds | glibc defaults | kept freed memory (model/malloc.py) | ratio |")
+        print("\n| fresh processes, 3 alternated rounds | glibc defaults | kept freed memory (model/process.py) | ratio |")
         print("|---|---|---|---|")
         for key, label in (("plain_forward", "plain forward"), ("mc_dropout_m20", "MC dropout, m = 20")):
             print(f"| {label} | {default[key] * 1e3:.0f} ms | {keep[key] * 1e3:.0f} ms | {keep[key] / default[key]:.2f}x |")

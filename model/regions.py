@@ -42,6 +42,7 @@ each in a fresh process:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
@@ -478,18 +479,26 @@ def select_diverse_regions(
     return chosen
 
 
+@functools.cache
+def _threadpools() -> Any:
+    """threadpoolctl's view of the loaded thread pools, taken once: building it walks every
+    loaded library (5 ms, as much as the KMeans fit), and scikit-learn is imported by then."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def _kmeans_labels(points: np.ndarray, weights: np.ndarray, clusters: int, seed: int) -> np.ndarray:
     """KMeans cluster ids ``[M]`` of distinct `points` ``[M, d]`` weighted by their multiplicity."""
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits
 
     kmeans = KMeans(n_clusters=clusters, n_init=KMEANS_N_INIT, random_state=seed)
     # One OpenMP thread: a few hundred points are far too few to share out, and with torch's
     # and scikit-learn's two libgomp copies (plus numba) loaded, the threads' hand-offs made one
     # call take 0.7 s instead of 8 ms on 2 cores. omp_set_num_threads acts on the calling
     # thread only, so other threads (torch inference) keep their setting.
-    with threadpool_limits(limits=1, user_api="openmp"), warnings.catch_warnings():
+    with _threadpools().limit(limits=1, user_api="openmp"), warnings.catch_warnings():
         # points are distinct, but nearly coincident ones can still leave a cluster empty;
         # select_diverse_regions fills such a slot itself
         warnings.simplefilter("ignore", ConvergenceWarning)

@@ -39,7 +39,7 @@ from backend.config import Settings  # noqa: E402
 from backend.label_config import parse_label_config  # noqa: E402
 from backend.service import ActiveLearningBackend  # noqa: E402
 from model.grid import GRIDS  # noqa: E402
-from model.malloc import keep_freed_memory  # noqa: E402
+from model.process import prepare_process  # noqa: E402
 from model.network import ModelConfig, build_model  # noqa: E402
 from model.regions import warm_up_umap  # noqa: E402
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         "--camvid", type=Path, default=Path(os.environ.get("CAMVID_DIR", REPO.parent / "shared" / "datasets" / "camvid"))
     )
     args = parser.parse_args(argv)
-    keep_freed_memory()  # as the backend's processes do (model/malloc.py)
+    prepare_process()  # as the backend's processes do (model/process.py)
     images = sorted((args.camvid / "train").glob("*.png"))
     if len(images) < args.tasks:
         sys.exit(f"need {args.tasks} CamVid train images in {args.camvid}, found {len(images)}")

@@ -48,7 +48,7 @@ LABEL_SEED = 0
 from backend.config import Settings  # noqa: E402
 from backend.trainer import train_config  # noqa: E402
 from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder  # noqa: E402
-from model.malloc import keep_freed_memory  # noqa: E402
+from model.process import prepare_process  # noqa: E402
 from model.network import ModelConfig, build_model  # noqa: E402
 from model.simulation.metrics import mean_iou  # noqa: E402
 from model.simulation.splits import evaluate  # noqa: E402
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-per-round", type=int, default=4, help="steps mode: steps per configuration and round")
     parser.add_argument("--out", type=Path, default=REPO / "test-artifacts" / "train-benchmark.jsonl")
     args = parser.parse_args(argv)
-    keep_freed_memory()  # as the backend's processes do (model/malloc.py)
+    prepare_process()  # as the backend's processes do (model/process.py)
     if not (CAMVID / "train").is_dir():
         sys.exit(f"CamVid not found at {CAMVID}; set CAMVID_DIR")
     if args.mode == "quality":

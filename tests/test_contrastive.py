@@ -211,6 +211,39 @@ def test_moments_with_embeddings_match_plain_mc_moments(small_model):
     assert embeddings.shape == (128, 16, 24)  # decoder resolution: 1/4 of the padded 64 x 96
 
 
+def test_bf16_projection_head_gives_the_fp32_region_features(camvid_dir):
+    """The head in bf16 (/predict's default where bf16 is native): same moments, region
+    features of a real 480x360 frame (300 SEEDS superpixels) within 0.001 of fp32's."""
+    from model.data import load_image
+    from model.precision import bf16_is_native
+    from model.regions import region_embeddings
+    from model.superpixels import seeds_superpixels
+
+    if not bf16_is_native(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES))).eval()  # packaged ImageNet encoder
+    image = load_image(sorted((camvid_dir / "val").glob("*.png"))[0])  # [3, 360, 480]
+    runs = {
+        precision: mc_moments_and_embeddings(
+            model, image, 4, generator=torch.Generator().manual_seed(3), embedding_precision=precision
+        )
+        for precision in ("fp32", "bf16")
+    }
+    (moments, exact), (moments_bf16, rounded) = runs["fp32"], runs["bf16"]
+    assert torch.equal(moments.mean, moments_bf16.mean)  # the class probabilities stay fp32
+    assert rounded.dtype == torch.float32
+    assert torch.allclose(rounded.norm(dim=0), torch.ones(()), atol=1e-5)  # unit again after the rounding
+    pixel_cosine = (exact * rounded).sum(0)  # [h, w]
+    assert pixel_cosine.min() > 0.99 and pixel_cosine.mean() > 0.999
+    rgb = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    segments = seeds_superpixels(rgb, 300)
+    grid = model.padded_size(tuple(image.shape[-2:]))
+    features = {name: region_embeddings(maps, segments, grid) for name, maps in (("fp32", exact), ("bf16", rounded))}
+    region_cosine = (features["fp32"] * features["bf16"]).sum(1)  # [K]
+    assert region_cosine.min() > 0.999, region_cosine.min()
+
+
 def test_no_projection_head_gives_a_clear_error():
     model = build_model(ModelConfig(num_classes=3, encoder_weights=None, projection_dim=0))
     with pytest.raises(ValueError, match="projection_dim"):

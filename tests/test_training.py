@@ -113,7 +113,7 @@ def test_bf16_autocast_trains_like_fp32(sparse_camvid):
     """The same run in bf16 autocast (channels-last) and in fp32 (contiguous): the labeled
     pixels' cross-entropy falls in both, and the first step's loss differs by rounding only;
     the returned model is contiguous and fp32 again."""
-    from model.training import bf16_is_native
+    from model.precision import bf16_is_native
 
     if not bf16_is_native(torch.device("cpu")):
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX); autocast would be emulated")
@@ -138,7 +138,7 @@ def test_bf16_autocast_trains_like_fp32(sparse_camvid):
 
 
 def test_precision_is_resolved_for_the_device_or_refused_clearly():
-    from model.training import resolve_precision
+    from model.precision import resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
@@ -217,7 +217,8 @@ def test_bf16_channels_last_weight_gradients_of_the_dilated_convolutions_are_rig
     on this torch (off by more than its size); training runs those layers in fp32. Each
     such layer of the default network, laid out as train() lays it out, against an fp32
     contiguous copy on the same input and output gradient."""
-    from model.training import bf16_is_native, dilated_depthwise_in_fp32
+    from model.precision import bf16_is_native
+    from model.training import dilated_depthwise_in_fp32
 
     if not bf16_is_native(torch.device("cpu")):
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX)")

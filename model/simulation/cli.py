@@ -22,7 +22,7 @@ import torch
 
 from ..acquisition import names as acquisition_names
 from ..grid import GRIDS
-from ..malloc import keep_freed_memory
+from ..process import prepare_process
 from .config import MODES, PROFILES, SELECTIONS, SUPERVISED, TRAININGS, SimulationConfig, profile_config
 from .loop import ConfigMismatch, run_simulation
 from .plots import make_plots
@@ -152,7 +152,7 @@ def _acquisitions(requested: list[str] | None, selection: str) -> list[str | Non
 
 def simulate(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
-    keep_freed_memory()
+    prepare_process()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or Path("runs") / args.profile)
