@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
-from .network import BayesianSegmenter, grid_sample_coordinates
+from .network import BayesianSegmenter, bilinear_taps, grid_sample_coordinates
 
 DEFAULT_BANK_CAPACITY = 1000  # P_t = 100 * P_i
 DEFAULT_BANK_PER_IMAGE = 10  # P_i
@@ -186,6 +187,56 @@ def sample_embeddings(
     return F.normalize(out, dim=1)
 
 
+# above this share of a batch's decoder cells, the head runs on the whole map instead
+# (gathering 3x3 patches cell by cell costs more per cell than the convolution)
+MAX_CELL_FRACTION = 0.2
+
+
+@dataclass
+class CellEmbeddings:
+    """The projection head's unit embeddings at the decoder cells that labeled pixels read.
+
+    `keys` ``[u]`` sorted flat cells ``b * h * w + y * w + x`` of a ``[B, ·, h, w]`` map covering
+    the padded image grid `padded_size`, `vectors` ``[u, P]`` (``ProjectionHead.at_cells``).
+    """
+
+    keys: torch.Tensor
+    vectors: torch.Tensor
+    cells: tuple[int, int]  # (h, w)
+    padded_size: tuple[int, int]  # (H', W')
+
+    def sample(self, positions: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings ``[n, P]`` at image pixels `positions` ``[n, 3]`` (image, row, col),
+        bilinear as ``sample_embeddings`` then renormalized; every pixel's cells must be in `keys`."""
+        taps, weights = _pixel_taps(positions, self.cells, self.padded_size)  # [n, 4], [n, 4]
+        index = torch.searchsorted(self.keys, taps.reshape(-1)).view_as(taps)
+        mixed = (self.vectors[index] * weights.unsqueeze(2).to(self.vectors.dtype)).sum(dim=1)  # [n, P]
+        return F.normalize(mixed, dim=1)
+
+
+def _pixel_taps(
+    positions: torch.Tensor, cells: tuple[int, int], padded_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4 flat decoder cells ``[n, 4]`` of each image pixel ``[n, 3]`` and their bilinear weights ``[n, 4]``."""
+    height, width = cells
+    rows0, rows1, row_frac = bilinear_taps(positions[:, 1], padded_size[0], height)
+    cols0, cols1, col_frac = bilinear_taps(positions[:, 2], padded_size[1], width)
+    base = positions[:, 0] * (height * width)
+    taps = torch.stack([base + r * width + c for r in (rows0, rows1) for c in (cols0, cols1)], dim=1)
+    weights = torch.stack([rw * cw for rw in (1 - row_frac, row_frac) for cw in (1 - col_frac, col_frac)], dim=1)
+    return taps, weights
+
+
+def labeled_cells(labels: torch.Tensor, cells: tuple[int, int], padded_size: tuple[int, int]) -> torch.Tensor | None:
+    """Sorted flat decoder cells ``[u]`` that the labeled pixels of `labels` ``[B, H, W]`` read,
+    or None when they are more than ``MAX_CELL_FRACTION`` of the map (then run the head on all)."""
+    positions = (labels != IGNORE_INDEX).nonzero()  # [M, 3]
+    keys = _pixel_taps(positions, cells, padded_size)[0].unique()  # sorted
+    if keys.numel() > MAX_CELL_FRACTION * labels.shape[0] * cells[0] * cells[1]:
+        return None
+    return keys
+
+
 def _random_pick(count: int, k: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(count, generator=generator)[:k]
 
@@ -293,7 +344,8 @@ def contrastive_step(
     negatives: int = DEFAULT_NEGATIVES,
     temperature: float = DEFAULT_TEMPERATURE,
     generator: torch.Generator,
-    embeddings: torch.Tensor | None = None,  # [B, P, h, w] model.embed(features), if already computed
+    # [B, P, h, w] model.embed(features), or the embeddings at the labeled pixels' cells, if already computed
+    embeddings: torch.Tensor | CellEmbeddings | None = None,
     share_pushes: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor | None:
     """One step of Algorithm 1, lines 9-11: update the bank, then the InfoNCE of the batch's anchors.
@@ -308,6 +360,11 @@ def contrastive_step(
     image_size = tuple(labels.shape[-2:])
     if embeddings is None:
         embeddings = model.embed(features)  # [B, P, h, w]
+    if isinstance(embeddings, CellEmbeddings):
+        sample = embeddings.sample
+    else:
+        def sample(at: torch.Tensor) -> torch.Tensor:
+            return sample_embeddings(model, embeddings, image_size, at)
     with torch.no_grad():
         pixel_labels = labels[positions[:, 0], positions[:, 1], positions[:, 2]]  # [M]
         pixel_logits = logits.detach()[positions[:, 0], :, positions[:, 1], positions[:, 2]]  # [M, C]
@@ -316,7 +373,7 @@ def contrastive_step(
             pixel_labels.cpu(), predictions.cpu(), pixel_entropy(pixel_logits).cpu(), positions[:, 0].cpu(), per_image
         ).to(positions.device)
         if to_push.numel() or share_pushes is not None:
-            pushed = sample_embeddings(model, embeddings.detach(), image_size, positions[to_push])  # [n, P]
+            pushed = sample(positions[to_push])  # [n, P] (no grad here)
             pushed_labels = pixel_labels[to_push]
             if share_pushes is not None:  # every rank's pushes, so that every rank holds the same bank
                 pushed, pushed_labels = share_pushes(pushed, pushed_labels)
@@ -325,5 +382,5 @@ def contrastive_step(
     if positions.shape[0] == 0:
         return None
     chosen = anchor_indices(pixel_labels.cpu(), predictions.cpu(), anchors_per_class, generator).to(positions.device)
-    anchors = sample_embeddings(model, embeddings, image_size, positions[chosen])  # [n, P] with grad
+    anchors = sample(positions[chosen])  # [n, P] with grad
     return contrastive_loss(anchors, pixel_labels[chosen], bank, negatives, temperature, generator)

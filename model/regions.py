@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_write
-from .network import grid_sample_coordinates
+from .network import bilinear_taps, grid_sample_coordinates
 from .superpixels import labeled_fraction, region_sums
 
 PROJECTOR_FORMAT = "segal-region-projector"
@@ -139,15 +139,6 @@ def region_embeddings(
 MAX_REGION_CELL_WEIGHTS = 8_000_000
 
 
-def _bilinear_taps(pixels: int, grid: int, cells: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For image pixels 0..pixels-1 along one axis of a `grid`-long padded grid whose map has
-    `cells` entries: the two source cells and the weight of the second (``grid_sample``,
-    bilinear, ``align_corners=False``, border padding, as ``BayesianSegmenter.upsample``)."""
-    source = ((torch.arange(pixels, device=device, dtype=torch.float64) + 0.5) * cells / grid - 0.5).clamp(0, cells - 1)
-    low = source.floor().to(torch.int64)
-    return low, (low + 1).clamp(max=cells - 1), source - low
-
-
 def _sums_through_cell_weights(
     maps: torch.Tensor, index: torch.Tensor, count: int, grid_size: tuple[int, int]
 ) -> torch.Tensor:
@@ -157,8 +148,8 @@ def _sums_through_cell_weights(
     segments alone; 128 channels times every pixel (the chunked path) never exist."""
     dim, cells_h, cells_w = maps.shape
     height, width = index.shape
-    rows0, rows1, row_frac = _bilinear_taps(height, grid_size[0], cells_h, index.device)  # [H]
-    cols0, cols1, col_frac = _bilinear_taps(width, grid_size[1], cells_w, index.device)  # [W]
+    rows0, rows1, row_frac = bilinear_taps(torch.arange(height, device=index.device), grid_size[0], cells_h)  # [H]
+    cols0, cols1, col_frac = bilinear_taps(torch.arange(width, device=index.device), grid_size[1], cells_w)  # [W]
     region = index.reshape(-1) * (cells_h * cells_w)  # [H * W] offset of each pixel's region row
     keys, weights = [], []
     for rows, row_weight in ((rows0, 1.0 - row_frac), (rows1, row_frac)):

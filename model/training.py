@@ -98,6 +98,9 @@ class TrainConfig:
     # NHWC activations for the run: oneDNN's depthwise-convolution backward (most of an
     # EfficientNet step on CPU) is about 1.6x faster in it; the model is handed back as it came
     channels_last: bool = True
+    # the projection head evaluated only at the decoder cells the labeled pixels read
+    # (ProjectionHead.at_cells; the whole map when labels cover more than a fifth of it)
+    head_at_labeled_cells: bool = True
     # paper 003 (S4AL, model.semi): pseudo labels from the EMA teacher on the unlabeled pixels
     semi_supervised: bool = False
     pseudo_threshold: float = semi.DEFAULT_THRESHOLD  # eta counts the pixels above it (eq. 4)
@@ -288,18 +291,30 @@ class _StudentForward(nn.Module):
     the gradients of what runs through its wrapped forward. Unwrapped (one process) it runs
     the same operations in the same order as calling the model's parts directly."""
 
-    def __init__(self, model: BayesianSegmenter, embed: bool):
+    def __init__(self, model: BayesianSegmenter, embed: bool, at_labeled_cells: bool = True):
         super().__init__()
         self.model = model
         self.embed = embed
+        self.at_labeled_cells = at_labeled_cells
 
-    def forward(self, images: torch.Tensor, embedded: int):
-        features = self.model.features(images)  # [B, D, h/4, w/4]
-        logits = self.model.logits_from_features(features, tuple(images.shape[-2:]))  # [B, C, h, w]
-        # the head's 3x3 conv costs as much as ASPP: only when the contrastive loss needs it, and
-        # only for the first `embedded` crops (the supervised ones; strong views follow them)
-        embeddings = self.model.embed(features[:embedded]).float() if self.embed else None  # [b, P, h/4, w/4]
-        return features, logits, embeddings
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        """-> features ``[B', D, h/4, w/4]``, logits ``[B', C, h, w]``, and for the contrastive loss
+        the embeddings of the first ``B = len(labels)`` crops (the supervised ones; strong views
+        follow them): ``[u, P]`` at the sorted cells ``[u]`` their labeled pixels read, or the
+        whole map ``[B, P, h/4, w/4]`` (and no cells) when the labels cover much of it."""
+        features = self.model.features(images)  # [B', D, h/4, w/4]
+        size = tuple(images.shape[-2:])
+        logits = self.model.logits_from_features(features, size)  # [B', C, h, w]
+        if not self.embed:
+            return features, logits, None, None
+        # the head's 3x3 conv over all channels costs as much as ASPP: at the labeled cells only
+        supervised = features[: len(labels)]
+        keys = None
+        if self.at_labeled_cells:
+            keys = contrastive.labeled_cells(labels, tuple(features.shape[-2:]), self.model.padded_size(size))
+        if keys is None:
+            return features, logits, self.model.embed(supervised).float(), None
+        return features, logits, self.model.projection.at_cells(supervised, keys), keys
 
     @property
     def unused_parameters(self) -> bool:
@@ -364,7 +379,7 @@ def train(
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     fp32_convs = dilated_depthwise_in_fp32(model, precision, layout, device)
-    forward = _StudentForward(model, embed=result.memory_bank is not None)
+    forward = _StudentForward(model, embed=result.memory_bank is not None, at_labeled_cells=config.head_at_labeled_cells)
     rank_generator = generator  # anchor sampling and ClassMix: per rank under DDP
     if distributed is not None:
         forward = distributed.wrap(forward, find_unused_parameters=forward.unused_parameters)
@@ -402,7 +417,7 @@ def train(
                 with autocast(precision, device):  # the convolutions: nearly all the FLOPs
                     # [B', D, h/4, w/4], [B', C, h, w], [B, P, h/4, w/4] (None without the contrastive loss);
                     # B' = B, or 2B with the strong views after the supervised crops
-                    features, all_logits, embeddings = forward(inputs, len(images))
+                    features, all_logits, embeddings, cell_keys = forward(inputs, labels)
                 # the losses and the memory bank in fp32: InfoNCE at tau = 0.1 is sensitive to
                 # rounding, and the bank is saved with the model
                 all_logits = all_logits.float()
@@ -410,11 +425,17 @@ def train(
                 cross_entropy = sparse_cross_entropy if distributed is None else distributed.sparse_cross_entropy
                 loss = cross_entropy(logits, labels)
                 if result.memory_bank is not None:
+                    if cell_keys is None:
+                        sampled = F.normalize(embeddings, dim=1)  # renormalized after the bf16 rounding
+                    else:
+                        sampled = contrastive.CellEmbeddings(
+                            cell_keys, embeddings, tuple(features.shape[-2:]), model.padded_size(tuple(labels.shape[-2:]))
+                        )
                     nce = contrastive.contrastive_step(
                         model, features, logits, labels, result.memory_bank,
                         per_image=config.bank_per_image, anchors_per_class=config.anchors_per_class,
                         negatives=config.negatives, temperature=config.temperature, generator=rank_generator,
-                        embeddings=F.normalize(embeddings, dim=1),  # renormalized after the bf16 rounding
+                        embeddings=sampled,
                         share_pushes=None if distributed is None else distributed.share_pushes,
                     )
                     if nce is not None:  # None until the bank holds two classes

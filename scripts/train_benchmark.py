@@ -157,10 +157,11 @@ def run_quality(args) -> None:
         })
 
 
-STEP_CONFIGS = (  # (name, precision, channels_last)
-    ("today: fp32, contiguous", "fp32", False),
-    ("fp32, channels-last", "fp32", True),
-    ("bf16 autocast, channels-last", "bf16", True),
+STEP_CONFIGS = (  # (name, precision, channels_last, projection head at the labeled cells only)
+    ("today: fp32, contiguous", "fp32", False, False),
+    ("fp32, channels-last", "fp32", True, False),
+    ("bf16 autocast, channels-last", "bf16", True, False),
+    ("bf16, channels-last, sparse head", "bf16", True, True),
 )
 
 
@@ -168,23 +169,25 @@ def run_steps(args) -> None:
     samples = [(item.image, item.sparse) for item in labeled_set()]
     base = Settings.from_env({})
     model = default_model(base, 0)
-    times: dict[str, list[float]] = {name: [] for name, _, _ in STEP_CONFIGS}
+    times: dict[str, list[float]] = {name: [] for name, *_ in STEP_CONFIGS}
     for _ in range(args.rounds):
-        for name, precision, channels_last in STEP_CONFIGS:
+        for name, precision, channels_last, sparse_head in STEP_CONFIGS:
             settings = dataclasses.replace(
                 base, train_precision=precision, train_channels_last=channels_last, train_steps=args.steps_per_round
             )
             stamps = []
-            train(model, samples, train_config(settings, samples, warm_start=False),
+            config = dataclasses.replace(train_config(settings, samples, warm_start=False), head_at_labeled_cells=sparse_head)
+            train(model, samples, config,
                   progress=lambda step, total, loss: stamps.append(time.perf_counter()))
             times[name] += list(np.diff(stamps))  # the first step (warm-up, allocator) is left out
     today = statistics.median(times[STEP_CONFIGS[0][0]])
     print(f"optimizer step, batch {base.train_batch_size}, 360x480 crops, default network, "
           f"{torch.get_num_threads()} threads; median of {len(times[STEP_CONFIGS[0][0]])} steps each, interleaved")
-    for name, precision, channels_last in STEP_CONFIGS:
+    for name, precision, channels_last, sparse_head in STEP_CONFIGS:
         median = statistics.median(times[name])
         print(f"  {name:<30} {median:6.2f} s/step   {median / today:5.2f}x today")
         append(args.out, {"mode": "steps", "config": name, "precision": precision, "channels_last": channels_last,
+                          "head_at_labeled_cells": sparse_head,
                           "seconds_per_step": round(median, 3), "ratio_to_today": round(median / today, 3),
                           "steps_timed": len(times[name])})
 

@@ -211,6 +211,69 @@ def test_moments_with_embeddings_match_plain_mc_moments(small_model):
     assert embeddings.shape == (128, 16, 24)  # decoder resolution: 1/4 of the padded 64 x 96
 
 
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_head_at_labeled_cells_equals_the_whole_map(small_model, train_mode):
+    """The training path's sparse head: the embeddings at labeled pixels, and in train mode the
+    BatchNorm running statistics, equal those of the head run over the whole map."""
+    from model.contrastive import CellEmbeddings, labeled_cells
+
+    torch.manual_seed(0)
+    head = small_model.projection
+    features = torch.randn(2, small_model.feature_channels, 16, 20)  # [B, D, h, w]
+    labels = torch.full((2, 64, 80), IGNORE_INDEX)
+    labels[0, :3, :5] = 1  # a corner block: the zero padding of the 3x3 conv
+    labels[1, 40, 79] = 2  # the right edge
+    labels[1, 17, 33] = 0
+    dropout = head.layers[3].p
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    try:
+        head.layers[3].p = 0.0  # dropout draws differ between the two paths; the rest must not
+        head.train(train_mode)
+        full = head(features)  # [B, P, h, w]
+        after_full = {k: v.clone() for k, v in head.state_dict().items()}
+        head.load_state_dict(state)
+        keys = labeled_cells(labels, (16, 20), (64, 80))
+        assert keys is not None and keys.numel() < 0.2 * 2 * 16 * 20
+        cells = CellEmbeddings(keys, head.at_cells(features, keys, statistics_cells=None), (16, 20), (64, 80))
+        positions = (labels != IGNORE_INDEX).nonzero()
+        expected = sample_embeddings(small_model, full, (64, 80), positions)
+        torch.testing.assert_close(cells.sample(positions), expected, atol=1e-5, rtol=1e-5)
+        for name, value in head.state_dict().items():  # running statistics moved alike (or not at all)
+            torch.testing.assert_close(value, after_full[name], atol=1e-6, rtol=1e-5)
+    finally:
+        head.layers[3].p = dropout
+        head.load_state_dict(state)
+        head.eval()
+
+
+def test_head_statistics_from_sampled_cells_are_close_to_the_whole_map(small_model):
+    torch.manual_seed(0)
+    head = small_model.projection
+    features = torch.randn(4, small_model.feature_channels, 32, 32)  # 4096 cells
+    keys = torch.arange(0, 4096, 37)
+    dropout = head.layers[3].p
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    try:
+        head.layers[3].p = 0.0
+        head.train()
+        exact = head.at_cells(features, keys, statistics_cells=None)
+        head.load_state_dict(state)
+        sampled = head.at_cells(features, keys, statistics_cells=1024)  # a quarter of the map
+        assert not torch.equal(exact, sampled)  # the statistics did come from a sample
+        assert (exact * sampled).sum(1).min() > 0.99
+    finally:
+        head.layers[3].p = dropout
+        head.load_state_dict(state)
+        head.eval()
+
+
+def test_dense_labels_run_the_head_on_the_whole_map():
+    from model.contrastive import labeled_cells
+
+    labels = torch.zeros(2, 64, 80, dtype=torch.int64)  # every pixel labeled
+    assert labeled_cells(labels, (16, 20), (64, 80)) is None
+
+
 def test_bf16_projection_head_gives_the_fp32_region_features(camvid_dir):
     """The head in bf16 (/predict's default where bf16 is native): same moments, region
     features of a real 480x360 frame (300 SEEDS superpixels) within 0.001 of fp32's."""
