@@ -209,8 +209,11 @@ class CellEmbeddings:
         """Unit embeddings ``[n, P]`` at image pixels `positions` ``[n, 3]`` (image, row, col),
         bilinear as ``sample_embeddings`` then renormalized; every pixel's cells must be in `keys`."""
         taps, weights = _pixel_taps(positions, self.cells, self.padded_size)  # [n, 4], [n, 4]
-        index = torch.searchsorted(self.keys, taps.reshape(-1)).view_as(taps)
-        mixed = (self.vectors[index] * weights.unsqueeze(2).to(self.vectors.dtype)).sum(dim=1)  # [n, P]
+        index = torch.searchsorted(self.keys, taps.reshape(-1))  # [n * 4]
+        # index_select, not vectors[index]: the backward of advanced indexing accumulates in
+        # parallel on a CPU, in an order that changes from run to run (index_add_'s does not)
+        corners = self.vectors.index_select(0, index).view(*taps.shape, -1)  # [n, 4, P]
+        mixed = (corners * weights.unsqueeze(2).to(self.vectors.dtype)).sum(dim=1)  # [n, P]
         return F.normalize(mixed, dim=1)
 
 

@@ -203,12 +203,17 @@ def small_camvid(camvid_dir) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def test_semi_supervised_training_on_camvid_runs_and_lowers_the_loss(small_camvid):
     torch.manual_seed(0)
     model = build_model(ModelConfig(num_classes=len(CAMVID_CLASSES)))  # packaged ImageNet encoder
-    config = TrainConfig(steps=100, batch_size=4, crop_size=(90, 120), lr=2e-3, seed=0, semi_supervised=True)
+    # alpha 0.9 (the backend's): a 0.99 teacher of 100 steps still averages in its start and was
+    # sure of an unlabeled pixel in 0-2 of the steps (4 runs), so this test passed by chance with it
+    config = TrainConfig(
+        steps=100, batch_size=4, crop_size=(90, 120), lr=2e-3, seed=0, semi_supervised=True, ema_decay=0.9
+    )
     result = train(model, small_camvid, config)
     warmup = math.floor(config.semi_warmup * config.steps)
     assert len(result.pseudo_losses) == config.steps - warmup  # every step after the warm-up
     assert all(math.isfinite(loss) for loss in result.losses)
-    assert max(result.pseudo_losses) > 0  # the teacher was sure of some unlabeled pixels
+    confident = sum(loss > 0 for loss in result.pseudo_losses)  # steps whose teacher was sure of some pixels
+    assert confident >= 0.3 * len(result.pseudo_losses), confident
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     teacher = result.teacher
