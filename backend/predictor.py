@@ -49,8 +49,8 @@ from model.calibration import squash
 from model.data import IGNORE_INDEX
 from model.grid import GridScores, grid_scores, pixel_scores
 from model.mc_dropout import mc_moments, mc_moments_and_embeddings, to_image_resolution
-from model.precision import resolve_precision
 from model.moments import entropy
+from model.precision import resolve_precision
 from model.regions import RegionProjector, acquire_regions
 from model.superpixels import (
     SuperpixelCache,

@@ -15,12 +15,9 @@ server's worker, ``segal-train``, ``segal-score``, the simulation, the benchmark
 
 from __future__ import annotations
 
-import logging
 import os
 
 from .malloc import keep_freed_memory
-
-log = logging.getLogger(__name__)
 
 BLAS_THREADS_SETTING = "OPENBLAS_NUM_THREADS"
 

@@ -29,7 +29,9 @@ views concatenated to the supervised batch (one forward of 2B crops). Off by def
 
 Speed (README, "Training speed"): ``precision`` autocasts the convolutions (bf16 where the
 hardware has it natively, fp16 with loss scaling on older CUDA), and ``channels_last`` runs
-the step in NHWC; the losses and the memory bank stay fp32 either way.
+the step in NHWC; the losses and the memory bank stay fp32 either way. The projection head
+runs only at the decoder cells the labeled pixels read (``head_at_labeled_cells``,
+``ProjectionHead.at_cells``).
 """
 
 from __future__ import annotations
