@@ -12,6 +12,7 @@ import logging
 import sys
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.errors import AppImportError
 
 from .config import ConfigError, Settings
 from .store import ModelDirError, prepare_model_dir
@@ -33,7 +34,11 @@ class _Gunicorn(BaseApplication):
 
         prepare_process()  # in the worker, before the models allocate anything
         _warm_up()
-        return create_app(Settings.from_env())
+        try:
+            return create_app(Settings.from_env())
+        except ValueError as error:  # a setting this machine cannot honour (SEGAL_DEVICE, SEGAL_REGION_PRECISION)
+            # gunicorn prints an AppImportError as one line and stops, instead of a worker traceback
+            raise AppImportError(f"segal-backend: {error}") from None
 
 
 def _warm_up() -> None:

@@ -722,3 +722,23 @@ def test_a_huge_image_within_the_limits_is_predicted(tmp_path):
         assert response.status_code == 200
         regions = response.json["results"][0]["result"]
         assert regions and all((r["original_width"], r["original_height"]) == (7000, 5000) for r in regions)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("SEGAL_REGION_PRECISION", "fp16"), ("SEGAL_DEVICE", "cuda")]
+)
+def test_a_setting_the_machine_cannot_honour_stops_the_server_with_one_line(tmp_path, name, value):
+    """fp16 on a CPU, CUDA without a GPU: the real segal-backend exits with the reason, no traceback."""
+    from ls_harness import free_port
+
+    if name == "SEGAL_DEVICE" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "SEGAL_"))}
+    env = {**inherited, "MODEL_DIR": str(tmp_path / "models"), "PORT": str(free_port()), "HOST": "127.0.0.1", name: value}
+    done = subprocess.run(
+        [REPO / ".venv" / "bin" / "segal-backend"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert f"segal-backend: {name}={value}" in output, output[-2000:]
+    assert "Traceback" not in output, output[-2000:]
