@@ -393,3 +393,24 @@ def test_semi_supervised_runs_train_the_teacher_on_pseudo_labels(camvid_dir, tmp
     assert medium.warm_start and medium.supervised_steps == medium.steps * medium.cycles
     assert set(PROFILES["medium"]) >= {"warm_start", "supervised_steps"}
     assert medium.pixels * medium.cycles / frame <= 0.0025
+
+
+def test_head_cells_option_names_the_run_and_guards_old_runs(camvid_dir):
+    """--head-cells all trains the projection head on the whole map (the way runs did before
+    2026-12-03): its own folder and label; a saved contrastive run without the field counts as
+    'all', so continuing it with the new default is a mismatch; runs without a head ignore it."""
+    from model.simulation.config import differences
+    from model.simulation.plots import run_label
+
+    sparse, whole = tiny(camvid_dir, **CLUSTERED), tiny(camvid_dir, head_cells="all", **CLUSTERED)
+    assert sparse.run_name == "region-entropy-umap-kmeans-seed0"
+    assert whole.run_name == "region-entropy-umap-kmeans-headall-seed0"
+    assert run_label(whole.to_dict()) == "region entropy umap-kmeans head-all"
+    assert run_label(sparse.to_dict()) == "region entropy umap-kmeans"
+    legacy = {key: value for key, value in sparse.to_dict().items() if key != "head_cells"}
+    assert differences(legacy, sparse) == ["head_cells: 'all' -> 'labeled'"] and differences(legacy, whole) == []
+    plain = tiny(camvid_dir)  # paper 000's CE training: no head
+    assert plain.run_name == tiny(camvid_dir, head_cells="all").run_name == "pixel-balent-seed0"
+    assert differences({k: v for k, v in plain.to_dict().items() if k != "head_cells"}, plain) == []
+    with pytest.raises(ValueError, match="head_cells must be one of"):
+        tiny(camvid_dir, head_cells="some")

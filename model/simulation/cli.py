@@ -23,7 +23,9 @@ import torch
 from ..acquisition import names as acquisition_names
 from ..grid import GRIDS
 from ..process import prepare_process
-from .config import MODES, PROFILES, SELECTIONS, SUPERVISED, TRAININGS, SimulationConfig, profile_config
+from .config import (
+    HEAD_CELLS, MODES, PROFILES, SELECTIONS, SUPERVISED, TRAININGS, SimulationConfig, profile_config,
+)
 from .loop import ConfigMismatch, run_simulation
 from .plots import make_plots
 
@@ -100,6 +102,12 @@ def _run_parser() -> argparse.ArgumentParser:
         help="pixel mode: score queries at every image pixel ('image', on the interpolated moments, the "
         "default) or at the decoder's nodes ('decoder', each tied to its nearest pixel; model.grid)",
     )
+    parser.add_argument(
+        "--head-cells",
+        choices=HEAD_CELLS,
+        help="contrastive training: the projection head at the labeled pixels' decoder cells ('labeled', the "
+        "default) or on the whole decoder map ('all', as before 2026-12-03)",
+    )
     parser.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
     for flag, field, kind, text in OVERRIDES:
         parser.add_argument(flag, type=kind, help=f"{text} [{_profile_values(field)}]")
@@ -135,7 +143,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         values["crop"] = tuple(args.crop)
     if args.no_augment:
         values["augment"] = False
-    for field in ("warm_start", "semi", "training", "pixel_grid"):
+    for field in ("warm_start", "semi", "training", "pixel_grid", "head_cells"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     return values

@@ -36,6 +36,7 @@ MODES = ("pixel", "region")
 SELECTIONS = ("rank", "umap-kmeans")  # region mode: top-R by summed score, or paper 004's clustering
 # None: the selection's own (rank: paper 000's sparse CE; umap-kmeans: paper 004's contrastive training)
 TRAININGS = ("ce", "contrastive")
+HEAD_CELLS = ("labeled", "all")  # contrastive training: where the projection head runs
 SUPERVISED = "supervised"  # the full-supervision reference: dense labels, one training, no acquisition
 # Region mode ranks superpixels by a pixel score summed over each region (paper 004, eq. 6).
 DEFAULT_ACQUISITION = {"pixel": "balent", "region": "entropy"}
@@ -48,7 +49,8 @@ SUPERVISED_FIELDS = ("supervised_steps",)
 # Fields added after runs were saved, with the value every older run had: a saved config
 # without them compares as if it held these (an old run resumes without a spurious difference).
 LEGACY_DEFAULTS = {
-    "selection": "rank", "semi": False, "supervised_steps": None, "training": None, "pixel_grid": "image"
+    "selection": "rank", "semi": False, "supervised_steps": None, "training": None, "pixel_grid": "image",
+    "head_cells": "all",  # runs saved before 2026-12-03 trained the projection head on the whole map
 }
 
 
@@ -97,6 +99,9 @@ class SimulationConfig:
     crop: tuple[int, int] | None = None  # training crop (H, W); None = the whole (scaled) image
     augment: bool = True
     warm_start: bool = False  # False: every cycle trains from the pretrained initialization
+    # contrastive training: the projection head at the labeled pixels' decoder cells ("labeled",
+    # TrainConfig.head_at_labeled_cells, the library's default) or on the whole map ("all")
+    head_cells: str = "labeled"
     seed: int = 0
     device: str = "auto"
     eval_batch_size: int = 8
@@ -126,6 +131,8 @@ class SimulationConfig:
             raise ValueError(
                 f"training must be one of {TRAININGS} (or None for the selection's own), got {self.training!r}."
             )
+        if self.head_cells not in HEAD_CELLS:
+            raise ValueError(f"head_cells must be one of {HEAD_CELLS}, got {self.head_cells!r}.")
         if self.pixel_grid not in GRIDS:
             raise ValueError(f"pixel_grid must be one of {GRIDS}, got {self.pixel_grid!r}.")
         if self.pixel_grid != "image" and self.mode != "pixel":
@@ -193,10 +200,13 @@ class SimulationConfig:
         (``region-<acquisition>-umap-kmeans-seed<k>`` for the clustered selection,
         ``<mode>-<acquisition>-contrastive-seed<k>`` for a rank run trained paper 004's way,
         ``pixel-<acquisition>-decoder-seed<k>`` for queries scored on the decoder's grid; ``-semi``
-        before ``-seed`` with semi-supervised training)."""
+        before ``-seed`` with semi-supervised training, ``-headall`` before it with the projection
+        head trained on the whole map)."""
         if self.supervised:
             return f"{SUPERVISED}-seed{self.seed}"
         semi = "-semi" if self.semi_supervised else ""
+        if self.contrastive and self.head_cells == "all":
+            semi = "-headall" + semi
         if self.clustered:
             return f"{self.mode}-{self.acquisition}-{self.selection}{semi}-seed{self.seed}"
         training = "-contrastive" if self.contrastive else ""
@@ -219,6 +229,8 @@ def differences(saved: dict, current: SimulationConfig) -> list[str]:
     saved = {**LEGACY_DEFAULTS, **saved}
     now = current.to_dict()
     ignored = set(RESUMABLE_FIELDS) | set(QUERY_FIELDS if current.supervised else SUPERVISED_FIELDS)
+    if not current.contrastive:  # no projection head is trained
+        ignored.add("head_cells")
     keys = sorted((set(saved) | set(now)) - ignored)
     return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in keys if saved.get(key) != now.get(key)]
 

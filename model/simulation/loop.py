@@ -180,6 +180,7 @@ def _train_cycle(
         # student: the backend's teacher check would change the method under study
         teacher_tolerance=None,
         semi_supervised=config.semi_supervised,
+        head_at_labeled_cells=config.head_cells == "labeled",
     )
     bar = tqdm(
         total=train_config.total_steps(len(samples)), desc=f"train cycle {cycle}", leave=False, disable=not progress

@@ -56,8 +56,8 @@ def collect_runs(out: Path) -> dict[str, list[dict]]:
 def run_label(config: dict) -> str:
     """The group of a saved run config: ``supervised``, ``<mode> <acquisition>`` (rank) or
     ``<mode> <acquisition> <selection>``, `` contrastive`` for a rank run trained paper 004's way,
-    `` decoder`` for pixel queries scored on the decoder's grid,
-    then `` semi`` for semi-supervised training."""
+    `` decoder`` for pixel queries scored on the decoder's grid, `` head-all`` for contrastive
+    training with the projection head on the whole map, then `` semi`` for semi-supervised training."""
     config = {**LEGACY_DEFAULTS, **config}  # runs saved before the selection existed were rank
     if config["acquisition"] == SUPERVISED:
         return SUPERVISED
@@ -68,6 +68,8 @@ def run_label(config: dict) -> str:
         label = f"{label} contrastive"
     if config["pixel_grid"] != "image":
         label = f"{label} {config['pixel_grid']}"
+    if config["head_cells"] == "all" and SimulationConfig.from_dict(config).contrastive:
+        label = f"{label} head-all"
     return f"{label} semi" if config["semi"] else label
 
 
