@@ -181,9 +181,7 @@ def mc_moments_and_embeddings(
     with _eval_mode(model):
         features = model.features(images)  # [1, D, h, w]
         with autocast(precision, images.device):
-            embeddings = model.embed(features)  # [1, P, h, w]
-        if embeddings.dtype != torch.float32:  # renormalized after the rounding
-            embeddings = F.normalize(embeddings.float(), dim=1)
+            embeddings = model.embed(features)  # [1, P, h, w] float32, unit length
         moments = _moments_from_features(model, features, num_samples, generator, chunk_size, mean_entropy)[0]
     if image_resolution:
         moments = to_image_resolution(model, moments, tuple(images.shape[-2:]))

@@ -139,8 +139,9 @@ STATISTICS_CELLS = 4096
 class ProjectionHead(nn.Module):
     """``3x3 conv -> BatchNorm -> ReLU -> Dropout(0.1) -> 1x1 conv``, then L2 norm per pixel.
 
-    ``[B, D, h, w]`` decoder features -> ``[B, P, h, w]`` unit-length embeddings; or, with
-    ``at_cells``, the same embeddings at a few cells only.
+    ``[B, D, h, w]`` decoder features -> ``[B, P, h, w]`` unit-length float32 embeddings; or,
+    with ``at_cells``, the same embeddings at a few cells only. The norm is taken in float32
+    whatever the autocast precision, so that bf16 or fp16 embeddings come out of unit length.
     """
 
     def __init__(self, in_channels: int, dim: int = 128, dropout: float = 0.1):
@@ -154,7 +155,7 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.layers(features), dim=1)
+        return F.normalize(self.layers(features).float(), dim=1)
 
     def at_cells(
         self, features: torch.Tensor, keys: torch.Tensor, statistics_cells: int | None = STATISTICS_CELLS

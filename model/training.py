@@ -315,7 +315,7 @@ class _StudentForward(nn.Module):
         if self.at_labeled_cells:
             keys = contrastive.labeled_cells(labels, tuple(features.shape[-2:]), self.model.padded_size(size))
         if keys is None:
-            return features, logits, self.model.embed(supervised).float(), None
+            return features, logits, self.model.embed(supervised), None
         return features, logits, self.model.projection.at_cells(supervised, keys), keys
 
     @property
@@ -428,8 +428,8 @@ def train(
                 loss = cross_entropy(logits, labels)
                 if result.memory_bank is not None:
                     if cell_keys is None:
-                        sampled = F.normalize(embeddings, dim=1)  # renormalized after the bf16 rounding
-                    else:
+                        sampled = embeddings  # [B, P, h/4, w/4] unit vectors (the head normalizes in fp32)
+                    else:  # [u, P] at the labeled pixels' cells
                         sampled = contrastive.CellEmbeddings(
                             cell_keys, embeddings, tuple(features.shape[-2:]), model.padded_size(tuple(labels.shape[-2:]))
                         )
