@@ -183,7 +183,7 @@ class ProjectionHead(nn.Module):
                     before_norm = self._conv_at(features, sample).float().t()  # [D, n]
                 mean = before_norm.mean(dim=1)  # [D]
                 var = before_norm.var(dim=1, unbiased=False)
-                _update_running_statistics(norm, mean, var, before_norm.shape[1])
+                norm(before_norm.unsqueeze(0).unsqueeze(-1))  # [1, D, n, 1]: BatchNorm's own running-statistics update
         else:
             mean, var = norm.running_mean, norm.running_var
         hidden = self._conv_at(features, keys).float()  # [u, D]
@@ -209,18 +209,6 @@ class ProjectionHead(nn.Module):
         patches = patches * torch.stack(inside, 1).unsqueeze(2).to(patches.dtype)  # [u, 9, D]
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # [D, 9 * D] as (ky, kx, D)
         return F.linear(patches.reshape(len(keys), -1), weight)
-
-
-def _update_running_statistics(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """What ``BatchNorm2d``'s train-mode forward does to its running statistics, given the
-    batch's mean and biased variance over `count` values per channel."""
-    if not norm.track_running_stats:
-        return
-    norm.num_batches_tracked += 1
-    momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-    unbiased = var * (count / max(count - 1, 1))
-    norm.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-    norm.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
 
 
 class BayesianSegmenter(nn.Module):
