@@ -164,8 +164,8 @@ class ProjectionHead(nn.Module):
         of `features` ``[B, D, h, w]``, computed at those cells only.
 
         The contrastive loss reads the embeddings at labeled pixels alone (about 900 of a
-        batch's 44160 cells for 4 frames with 5 points and 3 regions each), and the 3x3 convolution over all D channels at every cell cost
-        about a third of a training step. In eval mode the values equal ``forward``'s at those
+        batch's 44160 cells for 4 frames with 5 points and 3 regions each), and the 3x3
+        convolution over all D channels at every cell cost about a third of a training step. In eval mode the values equal ``forward``'s at those
         cells. In train mode BatchNorm normalizes with batch statistics and updates its running
         statistics as ``forward`` does, from the convolution at `statistics_cells` random cells
         of the batch (without autograd; None or a map that small: every cell, which makes the
@@ -193,7 +193,8 @@ class ProjectionHead(nn.Module):
         return F.normalize(out.float(), dim=1)
 
     def _conv_at(self, features: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """The 3x3 convolution (zero padding) of `features` ``[B, D, h, w]`` at flat cells `keys` ``[u]`` -> ``[u, D]``."""
+        """The 3x3 convolution (zero padding) of `features` ``[B, D, h, w]`` at the flat cells
+        `keys` ``[u]`` -> ``[u, D]``."""
         conv = self.layers[0]
         _, channels, height, width = features.shape
         image, flat = keys // (height * width), keys % (height * width)

@@ -38,6 +38,6 @@ def single_threaded_numpy_blas() -> bool:
 
 
 def prepare_process() -> None:
-    """Apply the settings above to this process (each is applied at most once)."""
+    """Apply the settings above to this process (call it once, first thing)."""
     keep_freed_memory()
     single_threaded_numpy_blas()

@@ -381,7 +381,9 @@ def train(
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     fp32_convs = dilated_depthwise_in_fp32(model, precision, layout, device)
-    forward = _StudentForward(model, embed=result.memory_bank is not None, at_labeled_cells=config.head_at_labeled_cells)
+    forward = _StudentForward(
+        model, embed=result.memory_bank is not None, at_labeled_cells=config.head_at_labeled_cells
+    )
     rank_generator = generator  # anchor sampling and ClassMix: per rank under DDP
     if distributed is not None:
         forward = distributed.wrap(forward, find_unused_parameters=forward.unused_parameters)
@@ -430,9 +432,8 @@ def train(
                     if cell_keys is None:
                         sampled = embeddings  # [B, P, h/4, w/4] unit vectors (the head normalizes in fp32)
                     else:  # [u, P] at the labeled pixels' cells
-                        sampled = contrastive.CellEmbeddings(
-                            cell_keys, embeddings, tuple(features.shape[-2:]), model.padded_size(tuple(labels.shape[-2:]))
-                        )
+                        padded = model.padded_size(tuple(labels.shape[-2:]))
+                        sampled = contrastive.CellEmbeddings(cell_keys, embeddings, tuple(features.shape[-2:]), padded)
                     nce = contrastive.contrastive_step(
                         model, features, logits, labels, result.memory_bank,
                         per_image=config.bank_per_image, anchors_per_class=config.anchors_per_class,

@@ -204,14 +204,13 @@ class SimulationConfig:
         head trained on the whole map)."""
         if self.supervised:
             return f"{SUPERVISED}-seed{self.seed}"
+        head = "-headall" if self.contrastive and self.head_cells == "all" else ""
         semi = "-semi" if self.semi_supervised else ""
-        if self.contrastive and self.head_cells == "all":
-            semi = "-headall" + semi
         if self.clustered:
-            return f"{self.mode}-{self.acquisition}-{self.selection}{semi}-seed{self.seed}"
+            return f"{self.mode}-{self.acquisition}-{self.selection}{head}{semi}-seed{self.seed}"
         training = "-contrastive" if self.contrastive else ""
         grid = "-decoder" if self.pixel_grid == "decoder" else ""
-        return f"{self.mode}-{self.acquisition}{grid}{training}{semi}-seed{self.seed}"
+        return f"{self.mode}-{self.acquisition}{grid}{training}{head}{semi}-seed{self.seed}"
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
