@@ -44,11 +44,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.acquisition import needs_mean_entropy, score_moments, select_pixels
+from model.acquisition import needs_mean_entropy, select_pixels
 from model.calibration import squash
 from model.data import IGNORE_INDEX
-from model.grid import GridScores, grid_scores, pixel_scores
-from model.mc_dropout import mc_moments, mc_moments_and_embeddings, to_image_resolution
+from model.grid import GridScores, grid_scores, upsampled_pixel_scores
+from model.mc_dropout import mc_moments, mc_moments_and_embeddings
 from model.moments import entropy
 from model.precision import resolve_precision
 from model.regions import RegionProjector, acquire_regions
@@ -211,16 +211,17 @@ class Predictor:
                 evidence.projector = served.projector
             else:
                 coarse = mc_moments(model, image, settings.mc_samples, generator=generator, **moment_options)[0]
-            full = None  # [C, H, W] moments, which the regions need
-            if self._proposes_regions(schema):
-                full = to_image_resolution(model, coarse, (height, width)).map_spatial(lambda t: t.cpu())
-            points = self._point_scores(model, coarse, labeled, generator, full)
+            points = self._point_scores(model, coarse, labeled, generator)
             function = settings.acquisition
-            probs = None if full is None else full.mean  # [C, h, w]
+            probs = None
             if self._proposes_regions(schema):  # keypoints alone need no region evidence
+                # the MC mean at the image resolution [C, h, w]: the regions' labels (and entropy)
+                probs = model.upsample(coarse.mean.unsqueeze(0), (height, width))[0].cpu()
                 evidence.probs = probs
                 if settings.region_score == "balent":
-                    evidence.pixel_scores = score_moments("balent", full, generator=generator)
+                    size = (height, width)
+                    balent = upsampled_pixel_scores("balent", coarse, size, model.padded_size(size))
+                    evidence.pixel_scores = balent.scores
                 else:
                     evidence.pixel_scores = entropy(probs, dim=0)  # eq. 6 sums the pixel entropy
 
@@ -241,7 +242,7 @@ class Predictor:
             else:
                 nodes, pixels = points.select(settings.points_per_task)
                 proposals = [
-                    (row, col, points.mean[:, node_row, node_col], float(points.scores[node_row, node_col]))
+                    (row, col, points.mean_at(node_row, node_col), float(points.scores[node_row, node_col]))
                     for (node_row, node_col), (row, col) in zip(nodes.tolist(), pixels.tolist())
                 ]
             for row, col, mean, value in proposals:
@@ -294,21 +295,16 @@ class Predictor:
         )[0]
         return self._point_scores(model, coarse, labeled, generator).value()
 
-    def _point_scores(
-        self, model, coarse, labeled: torch.Tensor, generator: torch.Generator, full=None
-    ) -> GridScores:
+    def _point_scores(self, model, coarse, labeled: torch.Tensor, generator: torch.Generator) -> GridScores:
         """The SEGAL_ACQUISITION scores that choose the keypoints and give the task's value (one
-        definition for the proposals and for the values a score scale is fitted on): on the
-        decoder's grid from `coarse` ``[C, h/4, w/4]``, or at every pixel (SEGAL_POINT_GRID) of the
-        image-resolution moments ``[C, h, w]``, `full` when the caller has them already."""
+        definition for the proposals and for the values a score scale is fitted on), from the
+        decoder-resolution moments `coarse` ``[C, h/4, w/4]``: on the decoder's grid, or at every
+        pixel of their bilinear upsampling (SEGAL_POINT_GRID)."""
         settings = self.settings
         options = {"budget": settings.points_per_task, "generator": generator}
         size = tuple(labeled.shape)
-        if settings.point_grid == "image":
-            if full is None:
-                full = to_image_resolution(model, coarse, size).map_spatial(lambda t: t.cpu())
-            return pixel_scores(settings.acquisition, full, labeled, **options)
-        return grid_scores(settings.acquisition, coarse, size, model.padded_size(size), labeled, **options)
+        scorer = upsampled_pixel_scores if settings.point_grid == "image" else grid_scores
+        return scorer(settings.acquisition, coarse, size, model.padded_size(size), labeled, **options)
 
     def superpixels_for(self, schema: LabelSchema, task: dict, work: WorkingImage) -> np.ndarray | None:
         """The image's SEEDS superpixels ``[h, w]`` (cached by URL and size), None without a region control."""

@@ -190,8 +190,13 @@ def _log_positive(x, scratch, out):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _balent_kernel(mean, second, num_samples, acquisition, out):  # pragma: no cover - numba
-    """mean, second: [C, R, W] float64, any strides; out: [R, W] float64 (BalEnt or BalEntAcq).
+def _balent_kernel(mean, second, rows0, rows1, row_weight, num_samples, acquisition, out):  # pragma: no cover - numba
+    """mean, second: [C, r, W] float64, any strides; out: [R, W] float64 (BalEnt or BalEntAcq).
+
+    Output row k reads the moments (1 - row_weight[k]) * moment[:, rows0[k]] + row_weight[k] *
+    moment[:, rows1[k]] ([R] each): the identity (rows0 = rows1 = k, weight 0) for moments at
+    the image resolution, or the vertical half of a bilinear upsampling of row-wise
+    interpolated coarse moments, which then never exist at the image resolution.
 
     Image rows run in parallel, so a cropped (strided) view needs no copy. Inside a row,
     [C, W] scratch arrays keep the loops apart: the arithmetic (no calls, so LLVM
@@ -200,16 +205,24 @@ def _balent_kernel(mean, second, num_samples, acquisition, out):  # pragma: no c
     the per-pixel sums. Elements with alpha + 1 or beta below 6 (rare: tiny variance
     relative to a tiny mean) take the general formula in one more loop.
     """
-    num_classes, num_rows, size = mean.shape
+    num_classes, _, size = mean.shape
+    num_rows = out.shape[0]
     unbias = num_samples / (num_samples - 1.0) if num_samples > 1 else 0.0
     for row in numba.prange(num_rows):
         # the row into contiguous scratch: loops over C-ordered arrays vectorize, strided ones do not
         row_mean = np.empty((num_classes, size))
         row_second = np.empty((num_classes, size))
-        for c in range(num_classes):
-            for i in range(size):
-                row_mean[c, i] = mean[c, row, i]
-                row_second[c, i] = second[c, row, i]
+        top, bottom, weight = rows0[row], rows1[row], row_weight[row]
+        if weight == 0.0:  # exact copies (also what keeps a NaN or inf moment from spreading)
+            for c in range(num_classes):
+                for i in range(size):
+                    row_mean[c, i] = mean[c, top, i]
+                    row_second[c, i] = second[c, top, i]
+        else:
+            for c in range(num_classes):
+                for i in range(size):
+                    row_mean[c, i] = (1.0 - weight) * mean[c, top, i] + weight * mean[c, bottom, i]
+                    row_second[c, i] = (1.0 - weight) * second[c, top, i] + weight * second[c, bottom, i]
         mu = np.empty((num_classes, size))  # clamped E[P_i]
         ratio = np.empty((num_classes, size))  # a b / (a + b)^3, 1 where small
         rest = np.empty((num_classes, size))  # E[P_i] (h(P_i+) - ln(ratio) / 2), 0 where small
@@ -286,5 +299,41 @@ def balent_from_moments(
         raise ValueError(f"mean and second must both be [C, *spatial], got {tuple(mean.shape)}, {tuple(second.shape)}.")
     mean_rows, second_rows = _as_rows(mean), _as_rows(second)
     out = np.empty(mean_rows.shape[1:], dtype=np.float64)
-    _balent_kernel(mean_rows, second_rows, float(num_samples), acquisition, out)
+    identity = np.arange(out.shape[0], dtype=np.int64)
+    _balent_kernel(
+        mean_rows, second_rows, identity, identity, np.zeros(out.shape[0]), float(num_samples), acquisition, out
+    )
     return torch.from_numpy(out).reshape(mean.shape[1:]).to(mean.device)
+
+
+Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (first cell, second cell, weight of the second), per pixel
+
+
+def balent_from_coarse_moments(
+    mean: torch.Tensor, second: torch.Tensor, num_samples: int, rows: Taps, cols: Taps, acquisition: bool = True
+) -> torch.Tensor:
+    """BalEnt(Acq) ``[H, W]`` of the bilinearly upsampled moments, from decoder-resolution
+    moments ``[C, h, w]``, without upsampling them to ``[C, H, W]``.
+
+    `rows` and `cols` are ``model.network.bilinear_taps`` of the image's rows ``[H]`` and
+    columns ``[W]`` (what ``BayesianSegmenter.upsample`` interpolates with). The columns are
+    interpolated here (``[C, h, W]``, a quarter of the image-resolution maps), the rows inside
+    the kernel, so two float64 ``[C, H, W]`` maps (33 MB for a 480x360 image and 11 classes)
+    are never written and read back. Equal to ``balent_from_moments`` of the upsampled
+    moments to float64 rounding."""
+    if mean.shape != second.shape or mean.ndim != 3:
+        raise ValueError(f"mean and second must both be [C, h, w], got {tuple(mean.shape)}, {tuple(second.shape)}.")
+    col0, col1, col_weight = (t.cpu() for t in cols)
+    row0, row1, row_weight = (t.cpu().numpy() for t in rows)
+
+    def along_columns(moment: torch.Tensor) -> np.ndarray:  # [C, h, w] -> [C, h, W] float64
+        moment = moment.detach().to("cpu", torch.float64)
+        return torch.lerp(moment[:, :, col0], moment[:, :, col1], col_weight.to(torch.float64)).numpy()
+
+    out = np.empty((len(row0), len(col0)), dtype=np.float64)
+    _balent_kernel(
+        along_columns(mean), along_columns(second),
+        np.ascontiguousarray(row0, dtype=np.int64), np.ascontiguousarray(row1, dtype=np.int64),
+        np.ascontiguousarray(row_weight, dtype=np.float64), float(num_samples), acquisition, out,
+    )  # fmt: skip
+    return torch.from_numpy(out).to(mean.device)

@@ -36,7 +36,7 @@ from backend.service import ActiveLearningBackend  # noqa: E402
 from model.data import CAMVID_CLASSES, load_image  # noqa: E402
 from model.grid import GRIDS  # noqa: E402
 from model.process import prepare_process  # noqa: E402
-from model.regions import RegionProjector  # noqa: E402
+from model.regions import RegionProjector, warm_up_umap  # noqa: E402
 from model.training import TrainConfig, train  # noqa: E402
 
 def trained_version(backend: ActiveLearningBackend, project: str) -> None:
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env(environment)
         backend = ActiveLearningBackend(settings)
         trained_version(backend, "1")
+        warm_up_umap()  # the start-up compilation on both cores must not overlap the timed requests
         served = backend.store.current("1")
         clients = {}  # one app per SEGAL_POINT_GRID, serving the same saved version
         for grid in GRIDS:

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from model.acquisition import score_moments, select_pixels
+from model.balent import LOWEST_SCORE
 from model.calibration import image_value
 from model.data import load_image
-from model.grid import grid_scores, node_pixels
+from model.grid import grid_scores, node_pixels, pixel_scores, upsampled_pixel_scores
 from model.mc_dropout import mc_moments
 from model.network import ModelConfig, build_model
 
@@ -63,3 +64,49 @@ def test_a_node_on_a_labeled_pixel_is_not_asked_again(frame_moments):
     assert second.value() < first.value()  # the best five are gone: the image is worth less now
     with pytest.raises(ValueError, match="exclude has shape"):
         grid_scores("balent", coarse, size, padded, exclude=labeled[:-1])
+
+
+def _upsampled(coarse, size, padded):
+    """The image-resolution moments as ``BayesianSegmenter.upsample`` makes them."""
+    height, width = size
+
+    def upsample(maps):
+        return torch.nn.functional.interpolate(maps[None], size=padded, mode="bilinear", align_corners=False)[
+            0, :, :height, :width
+        ]
+
+    return coarse.map_spatial(upsample)
+
+
+@pytest.mark.parametrize("name", ["balent", "entropy"])
+def test_every_pixel_scores_are_the_acquisition_of_the_upsampled_moments(frame_moments, name):
+    """BalEnt straight from the decoder-resolution moments equals BalEnt of the upsampled
+    moments (float64 rounding), and so do the chosen pixels and the mean proposed at each."""
+    coarse, size, padded = frame_moments
+    full = _upsampled(coarse, size, padded)
+    labeled = torch.zeros(size, dtype=torch.bool)
+    labeled[40:60, 100:140] = True
+    expected = pixel_scores(name, full, exclude=labeled)
+    scores = upsampled_pixel_scores(name, coarse, size, padded, exclude=labeled)
+    assert scores.scores.shape == size
+    torch.testing.assert_close(scores.scores, expected.scores, rtol=1e-9, atol=1e-12)
+    nodes, pixels = scores.select(5)
+    assert torch.equal(nodes, expected.select(5)[0]) and torch.equal(nodes, pixels)
+    assert not labeled[pixels[:, 0], pixels[:, 1]].any()
+    for row, col in pixels.tolist():
+        torch.testing.assert_close(scores.mean_at(row, col), full.mean[:, row, col], rtol=1e-12, atol=1e-14)
+    assert scores.value() == pytest.approx(expected.value(), rel=1e-9)
+    with pytest.raises(ValueError, match="exclude has shape"):
+        upsampled_pixel_scores("balent", coarse, size, padded, exclude=labeled[:-1])
+
+
+def test_upsampled_balent_keeps_a_broken_pixel_last(frame_moments):
+    """A NaN moment at one decoder cell makes the pixels it reaches score lowest, not the map."""
+    coarse, size, padded = frame_moments
+    broken = coarse.map_spatial(lambda t: t.clone())
+    broken.mean[:, 10, 20] = float("nan")
+    scores = upsampled_pixel_scores("balent", broken, size, padded).scores
+    lowest = scores == LOWEST_SCORE
+    assert lowest[40:44, 80:84].all()  # the pixels around cell (10, 20) (stride 4)
+    assert 0 < int(lowest.sum()) <= 8 * 8
+    assert torch.isfinite(scores).all()
