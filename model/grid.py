@@ -138,8 +138,9 @@ def upsampled_pixel_scores(
     height, width = size
     coarse = coarse.map_spatial(lambda t: t.cpu())
     if name != "balent":
-        def upsample(maps: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(maps[None], size=padded_size, mode="bilinear", align_corners=False)[0, :, :height, :width]
+        def upsample(maps: torch.Tensor) -> torch.Tensor:  # [K, h, w] -> [K, H, W]
+            maps = F.interpolate(maps[None], size=padded_size, mode="bilinear", align_corners=False)
+            return maps[0, :, :height, :width]
 
         return pixel_scores(name, coarse.map_spatial(upsample), exclude, budget, generator)
     cells_h, cells_w = coarse.spatial_shape
