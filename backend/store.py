@@ -27,6 +27,7 @@ import torch
 from model.calibration import ScoreScale
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.contrastive import MemoryBank
+from model.folding import fold_batch_norms
 from model.files import remove_interrupted_writes
 from model.network import BayesianSegmenter
 from model.regions import RegionProjector
@@ -88,10 +89,12 @@ class ServedModel:
 
 
 def for_serving(model: BayesianSegmenter) -> BayesianSegmenter:
-    """The model in eval mode, in channels-last on a CPU: oneDNN's convolutions take NHWC
-    activations about 0.8x the time (a 480x360 forward 43 against 55 ms here, the MC moments
-    61 against 76 ms, the same values to 1e-8). Not measured on a GPU, so left as is there."""
-    model.eval()
+    """The model to serve: an eval-mode copy with its BatchNorms folded into the convolutions
+    (``model.folding``: 0.89x the forward's time on a CPU; `model` itself stays trainable), in
+    channels-last on a CPU: oneDNN's convolutions take NHWC activations about 0.8x the time (a
+    480x360 forward 43 against 55 ms here, the MC moments 61 against 76 ms, the same values to
+    1e-8). Channels-last was not measured on a GPU, so it is left out there."""
+    model = fold_batch_norms(model)
     if next(model.parameters()).device.type == "cpu":
         model.to(memory_format=torch.channels_last)
     return model
