@@ -218,7 +218,10 @@ class Predictor:
                 # the MC mean at the image resolution [C, h, w]: the regions' labels (and entropy)
                 probs = model.upsample(coarse.mean.unsqueeze(0), (height, width))[0].cpu()
                 evidence.probs = probs
-                if settings.region_score == "balent":
+                same_scores = settings.acquisition == "balent" and settings.point_grid == "image"
+                if settings.region_score == "balent" and same_scores:
+                    evidence.pixel_scores = points.scores  # the keypoints' BalEnt at every pixel, already scored
+                elif settings.region_score == "balent":
                     size = (height, width)
                     balent = upsampled_pixel_scores("balent", coarse, size, model.padded_size(size))
                     evidence.pixel_scores = balent.scores

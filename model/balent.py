@@ -213,16 +213,10 @@ def _balent_kernel(mean, second, rows0, rows1, row_weight, num_samples, acquisit
         row_mean = np.empty((num_classes, size))
         row_second = np.empty((num_classes, size))
         top, bottom, weight = rows0[row], rows1[row], row_weight[row]
-        if weight == 0.0:  # exact copies (also what keeps a NaN or inf moment from spreading)
-            for c in range(num_classes):
-                for i in range(size):
-                    row_mean[c, i] = mean[c, top, i]
-                    row_second[c, i] = second[c, top, i]
-        else:
-            for c in range(num_classes):
-                for i in range(size):
-                    row_mean[c, i] = (1.0 - weight) * mean[c, top, i] + weight * mean[c, bottom, i]
-                    row_second[c, i] = (1.0 - weight) * second[c, top, i] + weight * second[c, bottom, i]
+        for c in range(num_classes):  # the identity rows (weight 0, top = bottom) copy exactly
+            for i in range(size):
+                row_mean[c, i] = (1.0 - weight) * mean[c, top, i] + weight * mean[c, bottom, i]
+                row_second[c, i] = (1.0 - weight) * second[c, top, i] + weight * second[c, bottom, i]
         mu = np.empty((num_classes, size))  # clamped E[P_i]
         ratio = np.empty((num_classes, size))  # a b / (a + b)^3, 1 where small
         rest = np.empty((num_classes, size))  # E[P_i] (h(P_i+) - ln(ratio) / 2), 0 where small

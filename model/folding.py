@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 
 import torch
 from torch import nn
@@ -71,9 +72,7 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     head = getattr(model, "projection", None)
     skipped = set() if head is None else set(head.modules())
     order = _call_order(model, example)
-    calls = {}
-    for module in order:
-        calls[module] = calls.get(module, 0) + 1
+    calls = Counter(order)
     pairs = [
         (conv, norm)
         for conv, norm in zip(order, order[1:])

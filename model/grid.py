@@ -25,13 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .acquisition import DEFAULT_BUDGET, score_moments, select_pixels
 from .balent import balent_from_coarse_moments
 from .calibration import TOP_PIXELS, image_value
 from .moments import MCMoments
-from .network import bilinear_taps
+from .network import bilinear_taps, upsample_to_image
 
 GRIDS = ("image", "decoder")  # where pixel queries are scored: every image pixel, or the decoder's nodes
 
@@ -138,11 +137,8 @@ def upsampled_pixel_scores(
     height, width = size
     coarse = coarse.map_spatial(lambda t: t.cpu())
     if name != "balent":
-        def upsample(maps: torch.Tensor) -> torch.Tensor:  # [K, h, w] -> [K, H, W]
-            maps = F.interpolate(maps[None], size=padded_size, mode="bilinear", align_corners=False)
-            return maps[0, :, :height, :width]
-
-        return pixel_scores(name, coarse.map_spatial(upsample), exclude, budget, generator)
+        upsampled = coarse.map_spatial(lambda maps: upsample_to_image(maps[None], size, padded_size)[0])
+        return pixel_scores(name, upsampled, exclude, budget, generator)
     cells_h, cells_w = coarse.spatial_shape
     row_taps = bilinear_taps(torch.arange(height), padded_size[0], cells_h)  # [H] each
     col_taps = bilinear_taps(torch.arange(width), padded_size[1], cells_w)  # [W] each

@@ -116,8 +116,8 @@ def mc_moments(
     generator (the dropout masks are drawn on the CPU, then moved to the model's device).
     `chunk_size`: samples per chunk (default: ``chunk_size_for``; the masks are the same
     whatever it is, the logits differ only by the float32 rounding of a matrix product of
-    another shape, 1e-8 here). ``mean_entropy=False`` skips E_s[H(p_s)], which only BALD-type acquisitions read
-    (``model.acquisition.needs_mean_entropy``): about a third less work.
+    another shape, 1e-8 here). ``mean_entropy=False`` skips E_s[H(p_s)], which only BALD-type
+    acquisitions read (``model.acquisition.needs_mean_entropy``): about a third less work.
     """
     images = _check(images, num_samples, chunk_size)
     with _eval_mode(model):

@@ -109,6 +109,15 @@ def _build_smp(config: ModelConfig) -> nn.Module:
     return net
 
 
+def upsample_to_image(maps: torch.Tensor, size: tuple[int, int], padded_size: tuple[int, int]) -> torch.Tensor:
+    """Maps ``[B, K, h, w]`` covering the padded image grid `padded_size` -> ``[B, K, H, W]`` at
+    the image ``size``: bilinear (``align_corners=False``) to the padded grid, then cropped
+    (``BayesianSegmenter.upsample``)."""
+    height, width = size
+    maps = F.interpolate(maps, size=padded_size, mode="bilinear", align_corners=False)
+    return maps[..., :height, :width]
+
+
 def grid_sample_coordinates(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """Pixel indices along one axis of an image grid `size` pixels long -> ``F.grid_sample``
     coordinates (``align_corners=False``: -1 and 1 are the grid's outer edges).
@@ -165,9 +174,10 @@ class ProjectionHead(nn.Module):
 
         The contrastive loss reads the embeddings at labeled pixels alone (about 900 of a
         batch's 44160 cells for 4 frames with 5 points and 3 regions each), and the 3x3
-        convolution over all D channels at every cell cost about a third of a training step. In eval mode the values equal ``forward``'s at those
-        cells. In train mode BatchNorm normalizes with batch statistics and updates its running
-        statistics as ``forward`` does, from the convolution at `statistics_cells` random cells
+        convolution over all D channels at every cell cost about a third of a training step.
+        In eval mode the values equal ``forward``'s at those cells. In train mode BatchNorm
+        normalizes with batch statistics and updates its running statistics as ``forward``
+        does, from the convolution at `statistics_cells` random cells
         of the batch (without autograd; None or a map that small: every cell, which makes the
         values ``forward``'s exactly); the gradient through those statistics is left out (they
         are constants of the step).
@@ -255,9 +265,7 @@ class BayesianSegmenter(nn.Module):
 
     def upsample(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Decoder-resolution maps ``[B, K, h, w]`` -> image resolution ``[B, K, H, W]``."""
-        height, width = size
-        maps = F.interpolate(maps, size=self.padded_size(size), mode="bilinear", align_corners=False)
-        return maps[..., :height, :width]
+        return upsample_to_image(maps, size, self.padded_size(size))
 
     def padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """``(H, W)`` of the image grid the decoder resolution maps to (padded to the stride)."""

@@ -169,3 +169,9 @@ def test_training_publishes_a_projector_and_regions_come_from_clusters(tmp_path,
     scores = [r["acquisition"]["value"] for r in by_balent[0]["result"] if r["type"] == "brushlabels"]
     assert len(scores) == 4 and scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
     assert scores != [r["acquisition"]["value"] for r in regions]
+    # with keypoints on the decoder grid the regions' BalEnt is scored apart (at every pixel it
+    # is the keypoints' own map, reused): the same regions and values either way
+    apart = ActiveLearningBackend(dataclasses.replace(backend.settings, region_score="balent", point_grid="decoder"))
+    by_apart, _ = apart.predictor.predict("6", schema, [annotated])
+    apart_scores = [r["acquisition"]["value"] for r in by_apart[0]["result"] if r["type"] == "brushlabels"]
+    np.testing.assert_allclose(apart_scores, scores, rtol=1e-12)
