@@ -55,6 +55,9 @@ import numba
 import numpy as np
 import torch
 
+from .vector_math import FASTMATH as _FASTMATH
+from .vector_math import log_positive as _log_positive
+
 MEAN_MIN = 1e-30
 MEAN_MAX = 1.0 - 1e-15
 VAR_FLOOR_FACTOR = 1e-15
@@ -64,8 +67,6 @@ LOWEST_SCORE = float(np.finfo(np.float64).min)
 _LOG2 = math.log(2.0)
 _G_CONSTANT = 0.5 * (math.log(2.0 * math.pi) + 1.0)
 _SHIFT_TO = 6.0
-# fast-math without "nnan"/"ninf": NaN and inf checks must survive optimization
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @numba.njit(cache=True, inline="always")
@@ -157,46 +158,15 @@ def _posterior_parameters(m: float, s: float, unbias: float) -> tuple[float, flo
     return mu, mu * common + 1.0, (1.0 - mu) * common
 
 
-_MANTISSA_BITS = 0x000FFFFFFFFFFFFF
-_EXPONENT_OF_ONE = 0x3FF0000000000000  # the bits of 1.0: exponent 0
-_SQRT2 = math.sqrt(2.0)
-# ln(m) = 2 atanh(s) = 2 s sum_j s^(2j) / (2j + 1), s = (m - 1) / (m + 1). For m in
-# [sqrt(1/2), sqrt(2)], |s| <= 0.1716 and s^2 <= 0.0295, so the terms after j = 9 are below
-# 3e-17 of the sum.
-_ATANH_SERIES = tuple(1.0 / (2 * j + 1) for j in range(10))
-
-
-@numba.njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _log_positive(x, scratch, out):
-    """out = ln(x) for 1-D contiguous float64 `x` of positive normal numbers (anything else
-    gives garbage, not an error); `scratch`: a float64 array as long. x = m 2^e with m in
-    [1, 2) read from the bits, then m halved (e + 1) above sqrt(2)."""
-    bits = x.view(np.int64)
-    mantissa = scratch.view(np.int64)
-    for k in range(x.shape[0]):
-        mantissa[k] = (bits[k] & _MANTISSA_BITS) | _EXPONENT_OF_ONE
-    c = _ATANH_SERIES
-    for k in range(x.shape[0]):
-        m = scratch[k]
-        exponent = float(((bits[k] >> 52) & 0x7FF) - 1023)
-        high = m > _SQRT2
-        m = m * 0.5 if high else m
-        exponent = exponent + 1.0 if high else exponent
-        s = (m - 1.0) / (m + 1.0)  # m - 1 is exact here
-        s2 = s * s
-        series = c[0] + s2 * (c[1] + s2 * (c[2] + s2 * (c[3] + s2 * (c[4] + s2 * (
-            c[5] + s2 * (c[6] + s2 * (c[7] + s2 * (c[8] + s2 * c[9]))))))))
-        out[k] = exponent * _LOG2 + 2.0 * s * series
-
-
 @numba.njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _balent_kernel(mean, second, rows0, rows1, row_weight, num_samples, acquisition, out):  # pragma: no cover - numba
-    """mean, second: [C, r, W] float64, any strides; out: [R, W] float64 (BalEnt or BalEntAcq).
+def _balent_kernel(mean, second, rows, cols, num_samples, acquisition, out):  # pragma: no cover - numba
+    """mean, second: [C, r, w] float64, any strides; out: [R, W] float64 (BalEnt or BalEntAcq).
 
-    Output row k reads the moments (1 - row_weight[k]) * moment[:, rows0[k]] + row_weight[k] *
-    moment[:, rows1[k]] ([R] each): the identity (rows0 = rows1 = k, weight 0) for moments at
-    the image resolution, or the vertical half of a bilinear upsampling of row-wise
-    interpolated coarse moments, which then never exist at the image resolution.
+    rows = (rows0, rows1, row_weight) ([R] each) and cols = (cols0, cols1, col_weight) ([W]
+    each): output pixel (k, j) reads the moments bilinearly interpolated between rows rows0[k]
+    and rows1[k] (weight row_weight[k] on the second) and columns cols0[j] and cols1[j]. The
+    identity taps (k, k, 0) read moments at the image resolution as they are; the taps of a
+    bilinear upsampling read coarse moments, which then never exist at the image resolution.
 
     Image rows run in parallel, so a cropped (strided) view needs no copy. Inside a row,
     [C, W] scratch arrays keep the loops apart: the arithmetic (no calls, so LLVM
@@ -205,18 +175,25 @@ def _balent_kernel(mean, second, rows0, rows1, row_weight, num_samples, acquisit
     the per-pixel sums. Elements with alpha + 1 or beta below 6 (rare: tiny variance
     relative to a tiny mean) take the general formula in one more loop.
     """
-    num_classes, _, size = mean.shape
-    num_rows = out.shape[0]
+    num_classes = mean.shape[0]
+    num_rows, size = out.shape
+    rows0, rows1, row_weight = rows
+    cols0, cols1, col_weight = cols
     unbias = num_samples / (num_samples - 1.0) if num_samples > 1 else 0.0
     for row in numba.prange(num_rows):
         # the row into contiguous scratch: loops over C-ordered arrays vectorize, strided ones do not
         row_mean = np.empty((num_classes, size))
         row_second = np.empty((num_classes, size))
-        top, bottom, weight = rows0[row], rows1[row], row_weight[row]
-        for c in range(num_classes):  # the identity rows (weight 0, top = bottom) copy exactly
+        top, bottom, down = rows0[row], rows1[row], row_weight[row]
+        for c in range(num_classes):  # identity taps (weight 0, same cell) copy exactly
             for i in range(size):
-                row_mean[c, i] = (1.0 - weight) * mean[c, top, i] + weight * mean[c, bottom, i]
-                row_second[c, i] = (1.0 - weight) * second[c, top, i] + weight * second[c, bottom, i]
+                left, right, across = cols0[i], cols1[i], col_weight[i]
+                upper = (1.0 - across) * mean[c, top, left] + across * mean[c, top, right]
+                lower = (1.0 - across) * mean[c, bottom, left] + across * mean[c, bottom, right]
+                row_mean[c, i] = (1.0 - down) * upper + down * lower
+                upper = (1.0 - across) * second[c, top, left] + across * second[c, top, right]
+                lower = (1.0 - across) * second[c, bottom, left] + across * second[c, bottom, right]
+                row_second[c, i] = (1.0 - down) * upper + down * lower
         mu = np.empty((num_classes, size))  # clamped E[P_i]
         ratio = np.empty((num_classes, size))  # a b / (a + b)^3, 1 where small
         rest = np.empty((num_classes, size))  # E[P_i] (h(P_i+) - ln(ratio) / 2), 0 where small
@@ -293,14 +270,23 @@ def balent_from_moments(
         raise ValueError(f"mean and second must both be [C, *spatial], got {tuple(mean.shape)}, {tuple(second.shape)}.")
     mean_rows, second_rows = _as_rows(mean), _as_rows(second)
     out = np.empty(mean_rows.shape[1:], dtype=np.float64)
-    identity = np.arange(out.shape[0], dtype=np.int64)
-    _balent_kernel(
-        mean_rows, second_rows, identity, identity, np.zeros(out.shape[0]), float(num_samples), acquisition, out
-    )
+    rows, cols = (_identity_taps(count) for count in out.shape)
+    _balent_kernel(mean_rows, second_rows, rows, cols, float(num_samples), acquisition, out)
     return torch.from_numpy(out).reshape(mean.shape[1:]).to(mean.device)
 
 
 Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (first cell, second cell, weight of the second), per pixel
+
+
+def _identity_taps(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cells = np.arange(count, dtype=np.int64)
+    return cells, cells, np.zeros(count)
+
+
+def _kernel_taps(taps: Taps) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    first, second, weight = (t.detach().cpu().numpy() for t in taps)
+    return (np.ascontiguousarray(first, dtype=np.int64), np.ascontiguousarray(second, dtype=np.int64),
+            np.ascontiguousarray(weight, dtype=np.float64))  # fmt: skip
 
 
 def balent_from_coarse_moments(
@@ -310,24 +296,13 @@ def balent_from_coarse_moments(
     moments ``[C, h, w]``, without upsampling them to ``[C, H, W]``.
 
     `rows` and `cols` are ``model.network.bilinear_taps`` of the image's rows ``[H]`` and
-    columns ``[W]`` (what ``BayesianSegmenter.upsample`` interpolates with). The columns are
-    interpolated here (``[C, h, W]``, a quarter of the image-resolution maps), the rows inside
-    the kernel, so two float64 ``[C, H, W]`` maps (33 MB for a 480x360 image and 11 classes)
-    are never written and read back. Equal to ``balent_from_moments`` of the upsampled
-    moments to float64 rounding."""
+    columns ``[W]`` (what ``BayesianSegmenter.upsample`` interpolates with). The kernel
+    interpolates each image row from the coarse moments as it scores it, so two float64
+    ``[C, H, W]`` maps (33 MB for a 480x360 image and 11 classes) are never written and read
+    back. Equal to ``balent_from_moments`` of the upsampled moments to float64 rounding."""
     if mean.shape != second.shape or mean.ndim != 3:
         raise ValueError(f"mean and second must both be [C, h, w], got {tuple(mean.shape)}, {tuple(second.shape)}.")
-    col0, col1, col_weight = (t.cpu() for t in cols)
-    row0, row1, row_weight = (t.cpu().numpy() for t in rows)
-
-    def along_columns(moment: torch.Tensor) -> np.ndarray:  # [C, h, w] -> [C, h, W] float64
-        moment = moment.detach().to("cpu", torch.float64)
-        return torch.lerp(moment[:, :, col0], moment[:, :, col1], col_weight.to(torch.float64)).numpy()
-
-    out = np.empty((len(row0), len(col0)), dtype=np.float64)
-    _balent_kernel(
-        along_columns(mean), along_columns(second),
-        np.ascontiguousarray(row0, dtype=np.int64), np.ascontiguousarray(row1, dtype=np.int64),
-        np.ascontiguousarray(row_weight, dtype=np.float64), float(num_samples), acquisition, out,
-    )  # fmt: skip
+    row_taps, col_taps = _kernel_taps(rows), _kernel_taps(cols)
+    out = np.empty((len(row_taps[0]), len(col_taps[0])), dtype=np.float64)
+    _balent_kernel(_as_rows(mean), _as_rows(second), row_taps, col_taps, float(num_samples), acquisition, out)
     return torch.from_numpy(out).to(mean.device)

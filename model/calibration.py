@@ -26,15 +26,21 @@ TOP_PIXELS = 5  # image_value: the median of this many best pixels (paper 000's 
 MAX_REFERENCE_VALUES = 512  # a fitted scale keeps at most this many sample values
 
 
-def image_value(pixel_scores: torch.Tensor, exclude: torch.Tensor | None = None, top: int = TOP_PIXELS) -> float:
+def image_value(
+    pixel_scores: torch.Tensor,
+    exclude: torch.Tensor | None = None,
+    top: int = TOP_PIXELS,
+    best: torch.Tensor | None = None,
+) -> float:
     """One image's informativeness: the median acquisition value of its `top` best pixels.
 
     pixel_scores: ``[H, W]`` (higher = ask first); exclude: ``[H, W]`` bool, pixels already
     labeled. The median, not the maximum or the mean: one extreme pixel (BalEntAcq's 1 / BalEnt
     near BalEnt = 0) cannot decide an image's rank, and it is the set the image would be asked
-    for that counts. NaN when no pixel is left.
+    for that counts. NaN when no pixel is left. `best`: ``select_pixels(pixel_scores, top,
+    exclude)`` when the caller has it already.
     """
-    coords = select_pixels(pixel_scores, top, exclude)
+    coords = select_pixels(pixel_scores, top, exclude) if best is None else best
     if len(coords) == 0:
         return math.nan
     values = pixel_scores[coords[:, 0], coords[:, 1]].double().cpu().numpy()

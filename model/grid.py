@@ -22,7 +22,7 @@ prediction. A node whose pixel is labeled is not asked again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,20 +59,28 @@ class GridScores:
     # [C, h', w'] float64, the MC mean at each node (the label to propose there); or a function
     # (node row, node column) -> [C] when the mean exists only at the decoder's resolution
     mean: torch.Tensor | Callable[[int, int], torch.Tensor]
+    # select_pixels' answer per n: the keypoints and the task's value both ask for the 5 best
+    _best: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def mean_at(self, row: int, col: int) -> torch.Tensor:
         """The MC mean ``[C]`` at node (row, col)."""
         return self.mean(row, col) if callable(self.mean) else self.mean[:, row, col]
 
+    def best_nodes(self, n: int) -> torch.Tensor:
+        """``select_pixels`` of the scores: the n best nodes outside `exclude` ``[k, 2]``, best first."""
+        if n not in self._best:
+            self._best[n] = select_pixels(self.scores, n, self.exclude)
+        return self._best[n]
+
     def select(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The n best nodes outside `exclude`, best first: (nodes [k, 2], image pixels [k, 2])."""
-        nodes = select_pixels(self.scores, n, self.exclude)
+        nodes = self.best_nodes(n)
         pixels = torch.stack([self.rows[nodes[:, 0]], self.cols[nodes[:, 1]]], dim=1)
         return nodes, pixels
 
     def value(self, top: int = TOP_PIXELS) -> float:
         """``image_value`` on the nodes: the median score of the `top` best open ones."""
-        return image_value(self.scores, self.exclude, top)
+        return image_value(self.scores, self.exclude, top, best=self.best_nodes(top))
 
 
 def grid_scores(

@@ -7,7 +7,8 @@ Channel-wise dropout of the features equals dropping columns of the classifier w
     logits[k, C, n] = (W * mask[k, None, :] / keep) @ features[D, n] + b
 
 Softmax and the per-pixel moments are taken at the decoder's resolution (1/4 of the image
-for DeepLabV3+) and accumulated in float64 chunk by chunk, so memory stays
+for DeepLabV3+) and accumulated in float64 chunk by chunk (on the CPU in one numba pass over
+the chunk's logits, ``MomentAccumulator.update_logits``), so memory stays
 O(chunk * C * h * w) instead of O(m * C * H * W). A chunk holds as many samples as fit in
 ``CHUNK_ELEMENTS`` softmax values: all 20 of a 480x360 image at once (one matrix product is
 about 0.8x the time of two of half the size on a CPU), fewer for large images.
@@ -44,23 +45,30 @@ def _dropout_masks(model: BayesianSegmenter, num_samples: int, generator: torch.
     return kept.to(torch.float32) / keep
 
 
-def _sample_chunks(
+def _logit_chunks(
     model: BayesianSegmenter,
     features: torch.Tensor,
     masks: torch.Tensor,
     chunk_size: int,
 ):
-    """Yield softmax samples ``[k, B, C, h, w]`` for consecutive chunks of the masks."""
+    """Yield sampled logits ``[B, k, C, h, w]`` for consecutive chunks of the masks."""
     batch, channels, height, width = features.shape
-    weight = model.classifier.weight.reshape(model.num_classes, channels)  # [C, D]
+    classes = model.num_classes
+    weight = model.classifier.weight.reshape(classes, channels)  # [C, D]
     bias = model.classifier.bias  # [C]
-    flat = features.reshape(batch, channels, height * width)  # [B, D, n]
+    # [B, D, n]: for channels-last features a transposed view, which the matrix product reads
+    # as it is (a copy into [D, n] cost a third of the product)
+    flat = features.flatten(2)
     masks = masks.to(device=features.device, dtype=features.dtype)
     for start in range(0, masks.shape[0], chunk_size):
         chunk = masks[start : start + chunk_size]  # [k, D]
-        weights = weight.unsqueeze(0) * chunk.unsqueeze(1)  # [k, C, D]
-        logits = torch.einsum("kcd,bdn->kbcn", weights, flat) + bias.view(1, 1, -1, 1)  # [k, B, C, n]
-        yield logits.softmax(dim=2).reshape(chunk.shape[0], batch, -1, height, width)
+        samples = chunk.shape[0]
+        weights = (weight.unsqueeze(0) * chunk.unsqueeze(1)).reshape(samples * classes, channels)  # [k C, D]
+        sample_bias = bias.repeat(samples).unsqueeze(1)  # [k C, 1]
+        logits = torch.empty(batch, samples * classes, height * width, device=features.device, dtype=features.dtype)
+        for index in range(batch):
+            torch.addmm(sample_bias, weights, flat[index], out=logits[index])  # [k C, n]
+        yield logits.view(batch, samples, classes, height, width)
 
 
 @contextmanager
@@ -145,9 +153,9 @@ def _moments_from_features(
     if chunk_size is None:
         chunk_size = chunk_size_for(model, features)
     accumulators = [MomentAccumulator(mean_entropy) for _ in range(features.shape[0])]
-    for probs in _sample_chunks(model, features, masks, chunk_size):  # [k, B, C, h, w]
+    for logits in _logit_chunks(model, features, masks, chunk_size):  # [B, k, C, h, w]
         for index, accumulator in enumerate(accumulators):
-            accumulator.update(probs[:, index])
+            accumulator.update_logits(logits[index])
     return [accumulator.result() for accumulator in accumulators]
 
 
@@ -205,8 +213,8 @@ def mc_samples(
     with _eval_mode(model):
         features = model.features(images)  # [1, D, h, w]
         masks = _dropout_masks(model, num_samples, generator)  # [m, D]
-        chunks = _sample_chunks(model, features, masks, chunk_size_for(model, features))
-        return torch.cat([probs[:, 0] for probs in chunks])
+        chunks = _logit_chunks(model, features, masks, chunk_size_for(model, features))
+        return torch.cat([logits[0].softmax(dim=1) for logits in chunks])
 
 
 @torch.no_grad()

@@ -11,14 +11,24 @@ statistics of the m samples, so inference never has to hold ``[m, C, H, W]``:
 
 All three are linear in the samples, so they can be summed chunk by chunk and, being
 linear, interpolated to another resolution consistently (``MCMoments.map_spatial``).
+
+On the CPU, ``MomentAccumulator.update_logits`` takes a chunk as logits and does softmax
+and sums in one numba pass (``_softmax_moment_kernel``): in torch, softmax, the float64 copy,
+the square and the two sums are five passes over a 10-20 MB chunk, about as long as the
+matrix product that made the logits.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numba
+import numpy as np
 import torch
+
+from .vector_math import EXP_INPUT_MIN, FASTMATH_NO_REASSOC, exp_nonpositive, log_positive
 
 
 def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
@@ -92,12 +102,114 @@ class MomentAccumulator:
                 self._sum_entropy += sum_entropy
         self.num_samples += probs.shape[0]
 
+    def update_logits(self, logits: torch.Tensor) -> None:
+        """Add a chunk of k samples given as logits ``[k, C, *spatial]``: softmax over C, then the sums.
+
+        On the CPU one numba pass takes the softmax in float64 from the logits and adds the
+        sums; elsewhere (CUDA) torch's float32 softmax feeds ``update``. The two agree to the
+        float32 rounding of the softmax (1e-7).
+        """
+        if logits.ndim < 2:
+            raise ValueError(f"Expected logits [k, C, ...], got shape {tuple(logits.shape)}.")
+        if logits.device.type != "cpu":
+            self.update(logits.softmax(dim=1))
+            return
+        samples, classes, *spatial = logits.shape
+        if self._sum_p is None:
+            self._sum_p = torch.zeros(classes, *spatial, dtype=torch.float64)
+            self._sum_p2 = torch.zeros(classes, *spatial, dtype=torch.float64)
+            self._sum_entropy = torch.zeros(spatial, dtype=torch.float64) if self.with_mean_entropy else None
+        elif self._sum_p.shape != logits.shape[1:]:
+            raise ValueError(f"Chunk shape {tuple(logits.shape[1:])} differs from {tuple(self._sum_p.shape)}.")
+        with_entropy = self._sum_entropy is not None
+        _softmax_moment_kernel(
+            logits.detach().to(torch.float32).reshape(samples, classes, -1).numpy(),  # a view when it can be
+            self._sum_p.view(classes, -1).numpy(), self._sum_p2.view(classes, -1).numpy(),
+            self._sum_entropy.view(-1).numpy() if with_entropy else np.zeros(0), with_entropy,
+        )  # fmt: skip
+        self.num_samples += samples
+
     def result(self) -> MCMoments:
         if self._sum_p is None:
             raise ValueError("No samples were accumulated.")
         m = self.num_samples
         mean_entropy = None if self._sum_entropy is None else self._sum_entropy / m
         return MCMoments(self._sum_p / m, self._sum_p2 / m, mean_entropy, m)
+
+
+_KERNEL_BLOCK = 256  # pixels per block: a block's [C, block] float64 scratch stays in the L1/L2 cache
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FASTMATH_NO_REASSOC)
+def _softmax_moment_kernel(logits, sum_p, sum_p2, sum_entropy, with_entropy):  # pragma: no cover - numba
+    """logits: [k, C, n] float32, any strides (contiguous pixels are fastest). Adds sum_s p_s
+    to sum_p [C, n], sum_s p_s^2 to sum_p2 [C, n] (float64) and, with `with_entropy`,
+    sum_s H(p_s) to sum_entropy [n], where p_s = softmax over C of sample s's logits, taken
+    in float64.
+
+    Blocks of pixels run in parallel; inside one, the sample's logits are copied class-major
+    into [C, block] float64 scratch, where every loop runs along pixels and vectorizes
+    (``exp_nonpositive`` needs no calls). ln p_s = x - ln(sum exp x) with x the max-shifted
+    logits, so the entropy costs one logarithm per pixel and sample, not per class. A NaN or inf logit makes the
+    pixel's sums NaN.
+    """
+    samples, classes, pixels = logits.shape
+    for block in numba.prange((pixels + _KERNEL_BLOCK - 1) // _KERNEL_BLOCK):
+        start = block * _KERNEL_BLOCK
+        size = min(_KERNEL_BLOCK, pixels - start)
+        shifted = np.empty((classes, size))
+        exps = np.empty((classes, size))
+        scratch = np.empty(classes * size)
+        peak = np.empty(size)
+        total = np.empty(size)
+        log_total = np.empty(size)
+        block_p = np.zeros((classes, size))
+        block_p2 = np.zeros((classes, size))
+        block_entropy = np.zeros(size)
+        finite = np.ones(size, dtype=np.bool_)
+        for s in range(samples):
+            for c in range(classes):
+                for i in range(size):
+                    value = logits[s, c, start + i]
+                    finite[i] &= math.isfinite(value)
+                    shifted[c, i] = value
+            peak[:] = shifted[0]
+            for c in range(1, classes):
+                for i in range(size):
+                    peak[i] = max(peak[i], shifted[c, i])
+            for c in range(classes):
+                for i in range(size):
+                    shifted[c, i] = max(shifted[c, i] - peak[i], EXP_INPUT_MIN)
+            exp_nonpositive(shifted.reshape(-1), scratch, exps.reshape(-1))
+            total[:] = 0.0
+            for c in range(classes):
+                for i in range(size):
+                    total[i] += exps[c, i]
+            for i in range(size):
+                total[i] = 1.0 / total[i]  # now its reciprocal
+            for c in range(classes):
+                for i in range(size):
+                    p = exps[c, i] * total[i]
+                    block_p[c, i] += p
+                    block_p2[c, i] += p * p
+            if with_entropy:
+                log_positive(total, scratch[:size], log_total)  # -ln(sum exp x): 1 / total in [1 / C, 1]
+                for c in range(classes):
+                    for i in range(size):
+                        block_entropy[i] -= exps[c, i] * total[i] * (shifted[c, i] + log_total[i])
+        for i in range(size):  # a pixel with a NaN or inf logit: NaN sums, as torch's softmax would give
+            if not finite[i]:
+                block_entropy[i] = math.nan
+                for c in range(classes):
+                    block_p[c, i] = math.nan
+                    block_p2[c, i] = math.nan
+        for c in range(classes):
+            for i in range(size):
+                sum_p[c, start + i] += block_p[c, i]
+                sum_p2[c, start + i] += block_p2[c, i]
+        if with_entropy:
+            for i in range(size):
+                sum_entropy[start + i] += block_entropy[i]
 
 
 def moments_from_samples(probs: torch.Tensor) -> MCMoments:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from model import acquisition
 from model.acquisition import score, score_moments
 from model.mc_dropout import CHUNK_ELEMENTS, chunk_size_for, mc_moments, mc_samples, predict_probabilities
-from model.moments import moments_from_samples
+from model.moments import MomentAccumulator, moments_from_samples
 from model.network import ModelConfig, build_model
 
 
@@ -121,3 +121,28 @@ def test_bad_inputs_are_refused(model):
         mc_moments(model, torch.rand(3, 32, 32), num_samples=0)
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         mc_moments(model, torch.rand(1, 32, 32))
+
+
+def test_logit_kernel_matches_torch_softmax_and_sums():
+    """MomentAccumulator.update_logits (one numba pass on the CPU) against torch's softmax fed
+    to update: large and degenerate logits, a NaN pixel, chunks summed as one."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(20, 6, 9, 13, generator=generator) * 8  # [k, C, h, w]
+    logits[:, 0, 0, 0] = 500.0  # one class dominates: p = 1, others underflow
+    logits[:, :, 1, 1] = -300.0  # all equal: uniform
+    logits[4, 2, 2, 2] = float("nan")
+    for mean_entropy in (False, True):
+        kernel, reference = MomentAccumulator(mean_entropy), MomentAccumulator(mean_entropy)
+        for chunk in logits.split(7):
+            kernel.update_logits(chunk)
+        reference.update(logits.softmax(dim=1))
+        fast, slow = kernel.result(), reference.result()
+        nan = torch.zeros(9, 13, dtype=torch.bool)
+        nan[2, 2] = True
+        assert fast.mean[:, nan].isnan().all() and not fast.mean[:, ~nan].isnan().any()
+        torch.testing.assert_close(fast.mean[:, ~nan], slow.mean[:, ~nan], rtol=0, atol=1e-7)
+        torch.testing.assert_close(fast.second[:, ~nan], slow.second[:, ~nan], rtol=0, atol=1e-7)
+        if mean_entropy:
+            torch.testing.assert_close(fast.mean_entropy[~nan], slow.mean_entropy[~nan], rtol=0, atol=1e-6)
+        torch.testing.assert_close(fast.mean[:, 1, 1], torch.full((6,), 1 / 6, dtype=torch.float64))
+        assert fast.num_samples == 20
