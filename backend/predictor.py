@@ -37,6 +37,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import cv2
@@ -49,7 +52,7 @@ from model.calibration import squash
 from model.data import IGNORE_INDEX
 from model.grid import GridScores, grid_scores, upsampled_pixel_scores
 from model.mc_dropout import mc_moments, mc_moments_and_embeddings
-from model.moments import entropy
+from model.moments import MCMoments, entropy
 from model.precision import resolve_precision
 from model.regions import RegionProjector, acquire_regions
 from model.superpixels import (
@@ -70,6 +73,9 @@ from .store import ModelStore, ServedModel
 log = logging.getLogger(__name__)
 
 SUPERPIXEL_CACHE_IMAGES = 32
+# what the network said about the last few /predict images (MC moments at the decoder's
+# resolution, region embeddings): about 8 MB for a 480x360 image with regions
+MODEL_OUTPUT_CACHE_BYTES = 128 * 2**20
 
 
 class TaskError(ValueError):
@@ -85,6 +91,67 @@ class RegionEvidence:
     embeddings: torch.Tensor | None = None  # [P, h/4, w/4] teacher embeddings, with a projector
     grid_size: tuple[int, int] | None = None  # the padded image grid the embeddings cover
     projector: RegionProjector | None = None  # UMAP on the memory bank
+
+
+@dataclass
+class ModelOutputs:
+    """One image's network outputs under one served model and one task's dropout masks."""
+
+    coarse: MCMoments  # [C, h/4, w/4]
+    embeddings: torch.Tensor | None  # [P, h/4, w/4], when regions are clustered
+    generator_state: torch.Tensor  # the task's generator right after the masks were drawn
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.coarse.mean, self.coarse.second, self.coarse.mean_entropy, self.embeddings]
+        return sum(t.element_size() * t.numel() for t in tensors if t is not None)
+
+
+class ModelOutputCache:
+    """A thread-safe LRU of ``ModelOutputs``, bounded in bytes, each tied to the model object
+    that made it (held weakly: a retrained or reloaded model never reads its predecessor's).
+
+    Label Studio asks ``/predict`` again for the task being labeled (interactive
+    pre-annotations send the annotator's new regions as ``context``): the image and the
+    served model are the same, only the labeled pixels differ, and those are applied after
+    the network. So a re-request skips the encoder, the decoder, the MC samples and the
+    projection head, and returns what a fresh computation would (same masks, same generator
+    state afterwards)."""
+
+    def __init__(self, max_bytes: int = MODEL_OUTPUT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple[weakref.ref, ModelOutputs]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, model: torch.nn.Module) -> ModelOutputs | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            if item[0]() is not model:  # another model object under the same name (a reload)
+                self._drop(key)
+                return None
+            self._items.move_to_end(key)
+            return item[1]
+
+    def put(self, key: tuple, model: torch.nn.Module, outputs: ModelOutputs) -> None:
+        size = outputs.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                self._drop(key)
+            self._items[key] = (weakref.ref(model), outputs)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                self._drop(next(iter(self._items)))
+
+    def _drop(self, key: tuple) -> None:
+        self._bytes -= self._items.pop(key)[1].nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -133,6 +200,7 @@ class Predictor:
         # recent images only (an annotator's next click on the same task); a pool job passes
         # hundreds of images through, and 256 maps of a 1024 px image would be 750 MB
         self.superpixels = SuperpixelCache(capacity=SUPERPIXEL_CACHE_IMAGES)
+        self.model_outputs = ModelOutputCache()
 
     def predict(
         self, project: str, schema: LabelSchema, tasks: list[dict], context: dict | None = None
@@ -148,7 +216,7 @@ class Predictor:
         results, errors = [], []
         for task in tasks:
             try:
-                results.append(self.predict_task(served, schema, task, context))
+                results.append(self.predict_task(served, schema, task, context, reuse_outputs=True))
             except (TaskError, ImageFetchError, ValueError) as error:
                 log.warning("task %s: no prediction: %s", task.get("id"), error)
                 errors.append(f"task {task.get('id')}: {error}")
@@ -177,9 +245,12 @@ class Predictor:
         task: dict,
         context: dict | None = None,
         work: WorkingImage | None = None,
+        reuse_outputs: bool = False,
     ) -> dict:
         """The Label Studio prediction of one task; `work` is its image when already loaded
-        (the pool job prefetches images), else it is fetched here."""
+        (the pool job prefetches images), else it is fetched here. `reuse_outputs`: take the
+        network's outputs from ``model_outputs`` when this model computed them for this task
+        and image before, and keep them there (``/predict``; the pool job sees each task once)."""
         settings = self.settings
         work = work if work is not None else self.load(schema, task)
         height, width = work.image.shape[-2:]
@@ -199,18 +270,21 @@ class Predictor:
             function = "random (cold start)"
         else:
             model = served.model
-            image = work.image.to(next(model.parameters()).device)
-            moment_options = {"mean_entropy": self._needs_mean_entropy, "image_resolution": False}
-            if self._clusters_regions(served, schema):
-                coarse, embeddings = mc_moments_and_embeddings(
-                    model, image, settings.mc_samples, generator, **moment_options,
-                    embedding_precision=self.embedding_precision,
-                )
-                evidence.embeddings = embeddings.cpu()  # [P, h/4, w/4], decoder resolution
+            clusters = self._clusters_regions(served, schema)
+            key = (served.name, self._image_key(schema, task, height, width), _task_seed(settings.seed, task),
+                   clusters, settings.mc_samples, self._needs_mean_entropy)  # fmt: skip
+            outputs = self.model_outputs.get(key, model) if reuse_outputs else None
+            if outputs is None:
+                outputs = self._model_outputs(model, work.image, generator, clusters)
+                if reuse_outputs:
+                    self.model_outputs.put(key, model, outputs)
+            else:
+                generator.set_state(outputs.generator_state)
+            coarse = outputs.coarse
+            if clusters:
+                evidence.embeddings = outputs.embeddings  # [P, h/4, w/4], decoder resolution
                 evidence.grid_size = model.padded_size((height, width))
                 evidence.projector = served.projector
-            else:
-                coarse = mc_moments(model, image, settings.mc_samples, generator=generator, **moment_options)[0]
             points = self._point_scores(model, coarse, labeled, generator)
             function = settings.acquisition
             probs = None
@@ -264,6 +338,24 @@ class Predictor:
             results.append(region)
         # Label Studio's convention: the lowest score is the task to label first
         return {"result": results, "score": 1.0 - informativeness, "model_version": served.name}
+
+    def _model_outputs(
+        self, model, image: torch.Tensor, generator: torch.Generator, with_embeddings: bool
+    ) -> ModelOutputs:
+        """One network pass over `image` ``[3, h, w]``: the MC moments at the decoder's resolution
+        and, `with_embeddings`, the projection head's embeddings (both on the CPU)."""
+        image = image.to(next(model.parameters()).device)
+        options = {"mean_entropy": self._needs_mean_entropy, "image_resolution": False}
+        embeddings = None
+        if with_embeddings:
+            coarse, embeddings = mc_moments_and_embeddings(
+                model, image, self.settings.mc_samples, generator, **options,
+                embedding_precision=self.embedding_precision,
+            )  # fmt: skip
+            embeddings = embeddings.cpu()
+        else:
+            coarse = mc_moments(model, image, self.settings.mc_samples, generator=generator, **options)[0]
+        return ModelOutputs(coarse.map_spatial(lambda t: t.cpu()), embeddings, generator.get_state())
 
     @staticmethod
     def informativeness(served: ServedModel, task_value: float) -> float:
@@ -334,9 +426,12 @@ class Predictor:
         has_control = (schema.control("brush") or schema.control("polygon")) is not None
         return has_control and self.settings.regions_per_task > 0
 
-    def _superpixel_key(self, schema: LabelSchema, task: dict, height: int, width: int) -> str:
+    def _image_key(self, schema: LabelSchema, task: dict, height: int, width: int) -> str:
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
-        return f"{data.get(schema.image_key)}|{height}x{width}|{self.settings.superpixels}"
+        return f"{data.get(schema.image_key)}|{height}x{width}"
+
+    def _superpixel_key(self, schema: LabelSchema, task: dict, height: int, width: int) -> str:
+        return f"{self._image_key(schema, task, height, width)}|{self.settings.superpixels}"
 
     def _clusters_regions(self, served: ServedModel, schema: LabelSchema) -> bool:
         """Whether regions come from UMAP + KMeans (paper 004) rather than the plain ranking."""

@@ -335,3 +335,28 @@ def test_settings_snapshot_for_a_job_leaves_the_secrets_out():
     assert back == dataclasses.replace(settings, basic_auth_pass="")
     with pytest.raises(ConfigError, match="unknown fields"):
         Settings.from_snapshot({**json.loads(text), "a_future_setting": 1})
+
+
+def test_model_output_cache_is_tied_to_the_model_object_and_bounded_in_bytes():
+    from backend.predictor import ModelOutputCache, ModelOutputs
+    from model.moments import MCMoments
+
+    def outputs(classes: int) -> ModelOutputs:  # 2 x classes x 10 x 10 float64: 1600 bytes per class
+        maps = torch.zeros(classes, 10, 10, dtype=torch.float64)
+        return ModelOutputs(MCMoments(maps, maps.clone(), None, 20), None, torch.Generator().get_state())
+
+    first, second = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    cache = ModelOutputCache(max_bytes=5 * 1600)
+    cache.put(("segal-v1", "a"), first, outputs(2))
+    assert cache.get(("segal-v1", "a"), first) is not None
+    assert cache.get(("segal-v1", "a"), second) is None, "another model object under the same name"
+    assert len(cache) == 0  # and the stale entry is gone
+    cache.put(("segal-v1", "a"), first, outputs(2))
+    cache.put(("segal-v1", "b"), first, outputs(2))
+    cache.get(("segal-v1", "a"), first)  # a is now the most recent
+    cache.put(("segal-v1", "c"), first, outputs(1))  # 5 x 1600 in all: fits
+    assert len(cache) == 3
+    cache.put(("segal-v1", "d"), first, outputs(2))  # over the budget: the least recent (b) goes
+    assert cache.get(("segal-v1", "b"), first) is None and cache.get(("segal-v1", "a"), first) is not None
+    cache.put(("segal-v1", "huge"), first, outputs(6))  # larger than the whole budget: not kept
+    assert cache.get(("segal-v1", "huge"), first) is None and len(cache) == 3  # a, c, d

@@ -162,6 +162,21 @@ def test_training_publishes_a_projector_and_regions_come_from_clusters(tmp_path,
     again, _ = restarted.predictor.predict("6", schema, [annotated])
     assert again[0]["result"] == results[0]["result"], "same model, same task: the same proposals"
 
+    # the task asked again with the annotator's click on its best keypoint as context
+    # (interactive pre-annotations): the network's outputs come from the cache, and the answer
+    # is a fresh computation's, without the clicked pixel
+    passes = []
+    network_pass = restarted.predictor._model_outputs
+    restarted.predictor._model_outputs = lambda *args: passes.append(1) or network_pass(*args)
+    click = next(r for r in results[0]["result"] if r["type"] == "keypointlabels")
+    context = {"result": [click]}
+    cached, _ = restarted.predictor.predict("6", schema, [annotated], context)
+    assert passes == [] and len(restarted.predictor.model_outputs) == 1
+    fresh, _ = ActiveLearningBackend(backend.settings).predictor.predict("6", schema, [annotated], context)
+    assert cached[0]["result"] == fresh[0]["result"] and cached[0]["score"] == fresh[0]["score"]
+    asked = [r["value"] for r in cached[0]["result"] if r["type"] == "keypointlabels"]
+    assert click["value"] not in asked and cached[0]["result"] != results[0]["result"]
+
     # summed BalEnt as the informativeness: still one region per cluster, best first, JSON-safe
     balent = ActiveLearningBackend(dataclasses.replace(backend.settings, region_score="balent"))
     by_balent, errors = balent.predictor.predict("6", schema, [annotated])
