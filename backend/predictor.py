@@ -39,7 +39,9 @@ import logging
 import math
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -73,6 +75,8 @@ from .store import ModelStore, ServedModel
 log = logging.getLogger(__name__)
 
 SUPERPIXEL_CACHE_IMAGES = 32
+PREDICT_PREFETCH = 2  # /predict of several tasks: images fetched ahead of the model
+PREDICT_PREFETCH_THREADS = 2
 # what the network said about the last few /predict images (MC moments at the decoder's
 # resolution, region embeddings): about 8 MB for a 480x360 image with regions
 MODEL_OUTPUT_CACHE_BYTES = 128 * 2**20
@@ -214,15 +218,43 @@ class Predictor:
             )
             served = ServedModel(None, served.version, served.classes, {})
         results, errors = [], []
-        for task in tasks:
+        for task, image in self._prefetched(schema, tasks):
             try:
-                results.append(self.predict_task(served, schema, task, context, reuse_outputs=True))
+                work = self.working_image(image.result())
+                results.append(self.predict_task(served, schema, task, context, work=work, reuse_outputs=True))
             except (TaskError, ImageFetchError, ValueError) as error:
                 log.warning("task %s: no prediction: %s", task.get("id"), error)
                 errors.append(f"task {task.get('id')}: {error}")
                 # no score: Label Studio sorts tasks without one last, whatever the direction
                 results.append({"result": [], "score": None, "model_version": served.name})
         return results, errors
+
+    def _prefetched(self, schema: LabelSchema, tasks: list[dict]) -> Iterator[tuple[dict, Future]]:
+        """The tasks in order, each with its image (RGB uint8) on its way: with several tasks
+        (Label Studio's "Retrieve predictions" sends the selection in one request, under its
+        100 s timeout) the next images are downloaded and decoded in threads while the model
+        works on this one, as the pool job does. No torch in those threads (see ``load_rgb``)."""
+        if len(tasks) == 1:  # nothing to overlap with
+            image: Future = Future()
+            try:
+                image.set_result(self.load_rgb(schema, tasks[0]))
+            except Exception as error:  # noqa: BLE001 - raised where the caller reads it
+                image.set_exception(error)
+            yield tasks[0], image
+            return
+        with ThreadPoolExecutor(PREDICT_PREFETCH_THREADS, thread_name_prefix="predict-fetch") as pool:
+            in_flight: deque[tuple[dict, Future]] = deque()
+            pending = iter(tasks)
+            try:
+                for task in pending:
+                    in_flight.append((task, pool.submit(self.load_rgb, schema, task)))
+                    if len(in_flight) > PREDICT_PREFETCH:
+                        yield in_flight.popleft()
+                while in_flight:
+                    yield in_flight.popleft()
+            finally:  # the caller stopped early (an unexpected error): drop what was not started
+                for _, image in in_flight:
+                    image.cancel()
 
     def load(self, schema: LabelSchema, task: dict) -> WorkingImage:
         return self.working_image(self.load_rgb(schema, task))

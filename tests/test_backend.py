@@ -4,6 +4,7 @@ tests/test_e2e_label_studio.py runs the same app against a real one)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from backend.label_config import LabelConfigError, parse_label_config
 from backend.service import ActiveLearningBackend
 from backend.train_job import train_config_from
 from backend.trainer import train_config
+from loopback import RecordingServer, png_bytes
 from model.calibration import squash
 from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
 from model.network import ModelConfig, build_model
@@ -360,3 +362,30 @@ def test_model_output_cache_is_tied_to_the_model_object_and_bounded_in_bytes():
     assert cache.get(("segal-v1", "b"), first) is None and cache.get(("segal-v1", "a"), first) is not None
     cache.put(("segal-v1", "huge"), first, outputs(6))  # larger than the whole budget: not kept
     assert cache.get(("segal-v1", "huge"), first) is None and len(cache) == 3  # a, c, d
+
+
+def test_a_predict_of_several_tasks_fetches_the_next_images_while_the_model_works(tmp_path):
+    """While the model works on the first task of a request, the next images are downloaded;
+    results stay in task order, and a task whose image fails gets its empty result."""
+    files = {f"/{index}.png": png_bytes(90, 120, seed=index) for index in range(4)}
+    with RecordingServer(files) as server:
+        backend = ActiveLearningBackend(make_settings(tmp_path))
+        tasks = [{"id": index + 1, "data": {"image": f"{server.url}/{index}.png"}} for index in range(4)]
+        tasks.insert(2, {"id": 9, "data": {"image": f"{server.url}/missing.png"}})
+        seen_while_first = []
+        predict_task = backend.predictor.predict_task
+
+        def watching(served, schema, task, *args, **kwargs):
+            if task["id"] == 1:  # the next images' downloads must start without this task finishing
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not {"/1.png", "/missing.png"} <= {r.path for r in server.requests}:
+                    time.sleep(0.01)
+                seen_while_first.extend(r.path for r in server.requests)
+            return predict_task(served, schema, task, *args, **kwargs)
+
+        backend.predictor.predict_task = watching
+        results, errors = backend.predictor.predict("3", parse_label_config(FULL_CONFIG), tasks)
+    assert {"/0.png", "/1.png", "/missing.png"} <= set(seen_while_first)
+    assert [len(r["result"]) > 0 for r in results] == [True, True, False, True, True]
+    assert len(errors) == 1 and errors[0].startswith("task 9:") and "404" in errors[0]
+    assert [r.path for r in server.requests].count("/3.png") == 1
