@@ -56,18 +56,21 @@ def _logit_chunks(
     classes = model.num_classes
     weight = model.classifier.weight.reshape(classes, channels)  # [C, D]
     bias = model.classifier.bias  # [C]
-    # [B, D, n]: for channels-last features a transposed view, which the matrix product reads
-    # as it is (a copy into [D, n] cost a third of the product)
-    flat = features.flatten(2)
-    masks = masks.to(device=features.device, dtype=features.dtype)
+    # [B, D, n] float32 (bf16 features under an autocast are widened: the logits are float32
+    # whatever the caller's precision); for channels-last features a transposed view, which the
+    # matrix product reads as it is (a copy into [D, n] cost a third of the product)
+    flat = features.float().flatten(2)
+    weight, bias = weight.float(), bias.float()
+    masks = masks.to(device=features.device, dtype=torch.float32)
     for start in range(0, masks.shape[0], chunk_size):
         chunk = masks[start : start + chunk_size]  # [k, D]
         samples = chunk.shape[0]
-        weights = (weight.unsqueeze(0) * chunk.unsqueeze(1)).reshape(samples * classes, channels)  # [k C, D]
-        sample_bias = bias.repeat(samples).unsqueeze(1)  # [k C, 1]
-        logits = torch.empty(batch, samples * classes, height * width, device=features.device, dtype=features.dtype)
-        for index in range(batch):
-            torch.addmm(sample_bias, weights, flat[index], out=logits[index])  # [k C, n]
+        logits = torch.empty(batch, samples * classes, height * width, device=features.device)
+        with torch.autocast(features.device.type, enabled=False):  # out= takes no autocast; not across the yield
+            weights = (weight.unsqueeze(0) * chunk.unsqueeze(1)).reshape(samples * classes, channels)  # [k C, D]
+            sample_bias = bias.repeat(samples).unsqueeze(1)  # [k C, 1]
+            for index in range(batch):
+                torch.addmm(sample_bias, weights, flat[index], out=logits[index])  # [k C, n]
         yield logits.view(batch, samples, classes, height, width)
 
 

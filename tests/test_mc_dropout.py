@@ -146,3 +146,14 @@ def test_logit_kernel_matches_torch_softmax_and_sums():
             torch.testing.assert_close(fast.mean_entropy[~nan], slow.mean_entropy[~nan], rtol=0, atol=1e-6)
         torch.testing.assert_close(fast.mean[:, 1, 1], torch.full((6,), 1 / 6, dtype=torch.float64))
         assert fast.num_samples == 20
+
+
+def test_moments_under_a_bf16_autocast_are_float32_moments(model, image):
+    """A caller's autocast (training code is full of them) changes the network's precision,
+    not the sampled classifier's: the moments come out as without it, to bf16's rounding of
+    the features."""
+    plain = mc_moments(model, image, 8, generator=torch.Generator().manual_seed(6), image_resolution=False)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = mc_moments(model, image, 8, generator=torch.Generator().manual_seed(6), image_resolution=False)[0]
+    assert mixed.mean.dtype == torch.float64 and torch.isfinite(mixed.mean).all()
+    torch.testing.assert_close(mixed.mean, plain.mean, rtol=0, atol=0.05)
