@@ -57,6 +57,7 @@ OVERRIDES = (
     ("--encoder-weights", "encoder_weights", str, "packaged (offline), imagenet (download) or none"),
     ("--device", "device", str, "auto, cpu, cuda, cuda:1"),
     ("--eval-batch-size", "eval_batch_size", int, "images per inference batch"),
+    ("--umap-epochs", "umap_epochs", int, "umap-kmeans: UMAP layout epochs of the region projector (0: UMAP's)"),
 )
 
 

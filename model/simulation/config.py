@@ -43,7 +43,10 @@ DEFAULT_ACQUISITION = {"pixel": "balent", "region": "entropy"}
 # Not part of a run's identity: changing them never changes a recorded figure.
 RESUMABLE_FIELDS = ("cycles", "device", "eval_batch_size")
 # The supervised reference never queries and trains on dense labels: these settings cannot change it.
-QUERY_FIELDS = ("mode", "pixels", "regions", "superpixels", "mc_samples", "selection", "semi", "training", "pixel_grid")
+QUERY_FIELDS = (
+    "mode", "pixels", "regions", "superpixels", "mc_samples", "selection", "semi", "training", "pixel_grid",
+    "umap_epochs",
+)
 # Settings of the supervised reference alone: they cannot change an active-learning run.
 SUPERVISED_FIELDS = ("supervised_steps",)
 # Fields added after runs were saved, with the value every older run had: a saved config
@@ -51,6 +54,7 @@ SUPERVISED_FIELDS = ("supervised_steps",)
 LEGACY_DEFAULTS = {
     "selection": "rank", "semi": False, "supervised_steps": None, "training": None, "pixel_grid": "image",
     "head_cells": "all",  # runs saved before 2026-12-03 trained the projection head on the whole map
+    "umap_epochs": 0,
 }
 
 
@@ -102,6 +106,9 @@ class SimulationConfig:
     # contrastive training: the projection head at the labeled pixels' decoder cells ("labeled",
     # TrainConfig.head_at_labeled_cells, the library's default) or on the whole map ("all")
     head_cells: str = "labeled"
+    # umap-kmeans: the region projector's UMAP layout epochs; 0: UMAP's own default (200 above
+    # 10000 bank vectors, 500 below)
+    umap_epochs: int = 0
     seed: int = 0
     device: str = "auto"
     eval_batch_size: int = 8
@@ -121,6 +128,8 @@ class SimulationConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for the whole split), got {value}.")
+        if self.umap_epochs < 0:
+            raise ValueError(f"umap_epochs must be >= 0 (0: UMAP's default), got {self.umap_epochs}.")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (DeepLabV3+'s ASPP BatchNorm fails on a batch of one).")
         if self.supervised_steps is not None and self.supervised_steps < 1:
@@ -201,13 +210,14 @@ class SimulationConfig:
         ``<mode>-<acquisition>-contrastive-seed<k>`` for a rank run trained paper 004's way,
         ``pixel-<acquisition>-decoder-seed<k>`` for queries scored on the decoder's grid; ``-semi``
         before ``-seed`` with semi-supervised training, ``-headall`` before it with the projection
-        head trained on the whole map)."""
+        head trained on the whole map, ``-epochs<N>`` with N UMAP layout epochs)."""
         if self.supervised:
             return f"{SUPERVISED}-seed{self.seed}"
         head = "-headall" if self.contrastive and self.head_cells == "all" else ""
         semi = "-semi" if self.semi_supervised else ""
         if self.clustered:
-            return f"{self.mode}-{self.acquisition}-{self.selection}{head}{semi}-seed{self.seed}"
+            epochs = f"-epochs{self.umap_epochs}" if self.umap_epochs else ""
+            return f"{self.mode}-{self.acquisition}-{self.selection}{head}{epochs}{semi}-seed{self.seed}"
         training = "-contrastive" if self.contrastive else ""
         grid = "-decoder" if self.pixel_grid == "decoder" else ""
         return f"{self.mode}-{self.acquisition}{grid}{training}{head}{semi}-seed{self.seed}"

@@ -241,7 +241,10 @@ def _fit_projector(memory_bank: MemoryBank | None, config: SimulationConfig, cyc
     vectors, _ = memory_bank.vectors()  # [N, P]
     with _torch_threads_kept():  # UMAP runs numba code
         # numpy's RandomState (UMAP, KMeans) takes seeds below 2**32
-        return RegionProjector.fit(vectors.cpu().numpy(), seed=derive_seed(config.seed, cycle, PROJECTOR) % 2**32)
+        return RegionProjector.fit(
+            vectors.cpu().numpy(), seed=derive_seed(config.seed, cycle, PROJECTOR) % 2**32,
+            layout_epochs=config.umap_epochs or None,
+        )  # fmt: skip
 
 
 def _query_clustered(
