@@ -159,6 +159,18 @@ def test_projector_fit_is_quiet_and_keeps_clusters_apart(fitted):
     assert np.array_equal(ids[nearest], new_ids)
 
 
+def test_a_fit_with_fewer_layout_epochs_is_recorded_and_keeps_clusters_apart(fitted):
+    _, vectors, ids, _ = fitted
+    short = RegionProjector.fit(vectors, seed=0, layout_epochs=30)
+    assert short.metadata["layout_epochs"] == 30
+    new, new_ids = clustered(4, seed=2)
+    fitted_coordinates = short.transform(vectors)
+    nearest = np.linalg.norm(short.transform(new)[:, None] - fitted_coordinates[None], axis=2).argmin(1)
+    assert np.array_equal(ids[nearest], new_ids)
+    with pytest.raises(ValueError, match="layout_epochs must be >= 1"):
+        RegionProjector.fit(vectors, layout_epochs=0)
+
+
 def test_a_resource_warning_from_garbage_does_not_count_as_a_fit_warning():
     """The flaky failure: a socket of an earlier test collected inside the fit's block."""
 
