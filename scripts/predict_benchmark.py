@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
     plain = medians["plain forward"]
-    print(f"one 480x360 CamVid task (a new task id per request unless cached), trained model, {settings.mc_samples} MC samples, {settings.points_per_task} "
+    print(f"one 480x360 CamVid task (a new task id per request unless cached), trained model, "
+          f"{settings.mc_samples} MC samples, {settings.points_per_task} "
           f"points, {settings.regions_per_task} regions, torch threads {torch.get_num_threads()}, "
           f"median of {args.repeats} interleaved rounds; points scored on every pixel (image grid) or on the "
           "decoder's nodes (SEGAL_POINT_GRID)")

@@ -378,7 +378,8 @@ def test_a_predict_of_several_tasks_fetches_the_next_images_while_the_model_work
         def watching(served, schema, task, *args, **kwargs):
             if task["id"] == 1:  # the next images' downloads must start without this task finishing
                 deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and not {"/1.png", "/missing.png"} <= {r.path for r in server.requests}:
+                ahead = {"/1.png", "/missing.png"}
+                while time.monotonic() < deadline and not ahead <= {r.path for r in server.requests}:
                     time.sleep(0.01)
                 seen_while_first.extend(r.path for r in server.requests)
             return predict_task(served, schema, task, *args, **kwargs)
