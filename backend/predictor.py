@@ -244,9 +244,8 @@ class Predictor:
             return
         with ThreadPoolExecutor(PREDICT_PREFETCH_THREADS, thread_name_prefix="predict-fetch") as pool:
             in_flight: deque[tuple[dict, Future]] = deque()
-            pending = iter(tasks)
             try:
-                for task in pending:
+                for task in tasks:
                     in_flight.append((task, pool.submit(self.load_rgb, schema, task)))
                     if len(in_flight) > PREDICT_PREFETCH:
                         yield in_flight.popleft()
@@ -292,7 +291,8 @@ class Predictor:
         for reason in skipped:
             log.info("task %s: ignoring an existing region: %s", task.get("id"), reason)
         labeled = torch.from_numpy(labels != IGNORE_INDEX)  # [h, w]
-        generator = torch.Generator().manual_seed(_task_seed(settings.seed, task))
+        seed = _task_seed(settings.seed, task)
+        generator = torch.Generator().manual_seed(seed)
 
         evidence = RegionEvidence()
         points: GridScores | None = None  # the keypoints' scores, on the decoder grid or every pixel
@@ -303,8 +303,8 @@ class Predictor:
         else:
             model = served.model
             clusters = self._clusters_regions(served, schema)
-            key = (served.name, self._image_key(schema, task, height, width), _task_seed(settings.seed, task),
-                   clusters, settings.mc_samples, self._needs_mean_entropy)  # fmt: skip
+            key = (served.name, self._image_key(schema, task, height, width), seed, clusters,
+                   settings.mc_samples, self._needs_mean_entropy) if reuse_outputs else None  # fmt: skip
             outputs = self.model_outputs.get(key, model) if reuse_outputs else None
             if outputs is None:
                 outputs = self._model_outputs(model, work.image, generator, clusters)
