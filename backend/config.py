@@ -48,6 +48,8 @@ class Settings:
     region_score: str = "entropy"  # SEGAL_REGION_SCORE: entropy (paper 004, eq. 6) | balent, summed per region
     # SEGAL_REGION_PRECISION: auto (bf16 where native) | fp32 | bf16 | fp16 (CUDA): the projection head at inference
     region_precision: str = "auto"
+    # SEGAL_MC_PRECISION: auto (bf16 where native) | fp32 | bf16 | fp16 (CUDA): the MC samples' masked product
+    mc_precision: str = "auto"
     point_grid: str = "image"  # SEGAL_POINT_GRID: keypoints scored at every pixel (image) | the decoder's nodes
     max_side: int = 1024  # SEGAL_MAX_SIDE: images are downscaled to this longest side for the model
     train_every: int = 0  # SEGAL_TRAIN_EVERY: retrain every N new annotations (0: only on "Start training")
@@ -137,6 +139,7 @@ class Settings:
             superpixels=reader.integer("SEGAL_SUPERPIXELS", 300, 4, 100_000),
             region_score=reader.choice("SEGAL_REGION_SCORE", "entropy", ("entropy", "balent")),
             region_precision=reader.choice("SEGAL_REGION_PRECISION", "auto", PRECISIONS),
+            mc_precision=reader.choice("SEGAL_MC_PRECISION", "auto", PRECISIONS),
             point_grid=reader.choice("SEGAL_POINT_GRID", "image", GRIDS),
             max_side=reader.integer("SEGAL_MAX_SIDE", 1024, 32, 16_384),
             train_every=reader.integer("SEGAL_TRAIN_EVERY", 0, 0, 1_000_000),

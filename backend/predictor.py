@@ -185,6 +185,13 @@ def existing_results(task: dict, context: dict | None) -> list[dict]:
     return results
 
 
+def _resolve_setting(name: str, precision: str, device: torch.device) -> str:
+    try:
+        return resolve_precision(precision, device)
+    except ValueError as error:
+        raise ValueError(f"{name}={precision}: {error}") from None
+
+
 def _task_seed(seed: int, task: dict) -> int:
     digest = hashlib.sha256(f"{seed}:{task.get('id')}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -195,10 +202,10 @@ class Predictor:
         self.settings = settings
         self.store = store
         self.fetcher = fetcher
-        try:  # the projection head's precision at inference: region features only
-            self.embedding_precision = resolve_precision(settings.region_precision, store.device)
-        except ValueError as error:
-            raise ValueError(f"SEGAL_REGION_PRECISION={settings.region_precision}: {error}") from None
+        # the projection head's precision at inference (region features only), and the MC
+        # samples' masked product's (``model.mc_dropout.LogitChunk``)
+        self.embedding_precision = _resolve_setting("SEGAL_REGION_PRECISION", settings.region_precision, store.device)
+        self.logit_precision = _resolve_setting("SEGAL_MC_PRECISION", settings.mc_precision, store.device)
         # E_s[H(p_s)] is a third of the MC moments' work and only BALD-type acquisitions read it
         self._needs_mean_entropy = needs_mean_entropy(settings.acquisition)
         # recent images only (an annotator's next click on the same task); a pool job passes
@@ -377,7 +384,8 @@ class Predictor:
         """One network pass over `image` ``[3, h, w]``: the MC moments at the decoder's resolution
         and, `with_embeddings`, the projection head's embeddings (both on the CPU)."""
         image = image.to(next(model.parameters()).device)
-        options = {"mean_entropy": self._needs_mean_entropy, "image_resolution": False}
+        options = {"mean_entropy": self._needs_mean_entropy, "image_resolution": False,
+                   "logit_precision": self.logit_precision}  # fmt: skip
         embeddings = None
         if with_embeddings:
             coarse, embeddings = mc_moments_and_embeddings(
@@ -419,6 +427,7 @@ class Predictor:
             generator=generator,
             mean_entropy=self._needs_mean_entropy,
             image_resolution=False,
+            logit_precision=self.logit_precision,  # as the predictions': one scale for both
         )[0]
         return self._point_scores(model, coarse, labeled, generator).value()
 

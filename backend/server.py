@@ -36,7 +36,7 @@ class _Gunicorn(BaseApplication):
         _warm_up()
         try:
             return create_app(Settings.from_env())
-        except ValueError as error:  # a setting this machine cannot honour (SEGAL_DEVICE, SEGAL_REGION_PRECISION)
+        except ValueError as error:  # a setting this machine cannot honour (SEGAL_DEVICE, SEGAL_*_PRECISION)
             # gunicorn prints an AppImportError as one line and stops, instead of a worker traceback
             raise AppImportError(f"segal-backend: {error}") from None
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from .precision import autocast, resolve_precision
 
 DEFAULT_NUM_SAMPLES = 20
 CHUNK_ELEMENTS = 4_000_000  # softmax values k * B * C * h * w per chunk: 16 MB float32, 32 MB float64
+_LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _dropout_masks(model: BayesianSegmenter, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -45,33 +47,69 @@ def _dropout_masks(model: BayesianSegmenter, num_samples: int, generator: torch.
     return kept.to(torch.float32) / keep
 
 
+@dataclass
+class LogitChunk:
+    """The sampled logits of a chunk of k masks, ``base + deviations`` (``logits``).
+
+    In float32 (``base`` None) ``deviations`` are the logits themselves, one exact product.
+    In bf16 or fp16 the product that costs (k masked copies of W times the features) gives
+    only each sample's deviation from the deterministic logits ``base``, computed once in
+    float32: logits can reach 20 and more, where bf16's spacing is 0.125, while a deviation
+    is the MC spread itself (0.3 on average on CamVid), whose rounding then moves the
+    moments by far less than the sampling does (README, "MC precision").
+    """
+
+    deviations: torch.Tensor  # [B, k, C, h, w]
+    base: torch.Tensor | None  # [B, C, h, w] float32, None in float32
+
+    def logits(self) -> torch.Tensor:
+        """Float32 sampled logits ``[B, k, C, h, w]``."""
+        if self.base is None:
+            return self.deviations
+        return self.deviations.float() + self.base.unsqueeze(1)
+
+
 def _logit_chunks(
     model: BayesianSegmenter,
     features: torch.Tensor,
     masks: torch.Tensor,
     chunk_size: int,
-):
-    """Yield sampled logits ``[B, k, C, h, w]`` for consecutive chunks of the masks."""
+    precision: str = "fp32",
+) -> Iterator[LogitChunk]:
+    """Yield the sampled logits of consecutive chunks of the masks, each ``[B, k, C, h, w]``.
+
+    `precision` (resolved: "fp32", "bf16", "fp16") is the dtype of the masked product."""
     batch, channels, height, width = features.shape
     classes = model.num_classes
-    weight = model.classifier.weight.reshape(classes, channels)  # [C, D]
-    bias = model.classifier.bias  # [C]
-    # [B, D, n] float32 (bf16 features under an autocast are widened: the logits are float32
-    # whatever the caller's precision); for channels-last features a transposed view, which the
-    # matrix product reads as it is (a copy into [D, n] cost a third of the product)
-    flat = features.float().flatten(2)
-    weight, bias = weight.float(), bias.float()
+    weight = model.classifier.weight.reshape(classes, channels).float()  # [C, D]
+    bias = model.classifier.bias.float()  # [C]
+    # [B, D, n] (bf16 features under an autocast are widened: the logits are float32 whatever
+    # the caller's precision); for channels-last features a transposed view, which the matrix
+    # product reads as it is (a copy into [D, n] cost a third of the product)
+    low = _LOW_PRECISION_DTYPES.get(precision)
+    flat = features.float().flatten(2) if low is None else features.to(low).flatten(2)
     masks = masks.to(device=features.device, dtype=torch.float32)
+    base = None
+    with torch.autocast(features.device.type, enabled=False):  # out= takes no autocast; not across the yield
+        if low is not None:  # the deterministic logits, float32: one 1x1 convolution
+            base = F.conv2d(features.float(), weight[:, :, None, None], bias)  # [B, C, h, w]
     for start in range(0, masks.shape[0], chunk_size):
         chunk = masks[start : start + chunk_size]  # [k, D]
         samples = chunk.shape[0]
-        logits = torch.empty(batch, samples * classes, height * width, device=features.device)
-        with torch.autocast(features.device.type, enabled=False):  # out= takes no autocast; not across the yield
-            weights = (weight.unsqueeze(0) * chunk.unsqueeze(1)).reshape(samples * classes, channels)  # [k C, D]
-            sample_bias = bias.repeat(samples).unsqueeze(1)  # [k C, 1]
-            for index in range(batch):
-                torch.addmm(sample_bias, weights, flat[index], out=logits[index])  # [k C, n]
-        yield logits.view(batch, samples, classes, height, width)
+        with torch.autocast(features.device.type, enabled=False):
+            if low is None:
+                weights = (weight.unsqueeze(0) * chunk.unsqueeze(1)).reshape(samples * classes, channels)  # [k C, D]
+                sample_bias = bias.repeat(samples).unsqueeze(1)  # [k C, 1]
+                logits = torch.empty(batch, samples * classes, height * width, device=features.device)
+                for index in range(batch):
+                    torch.addmm(sample_bias, weights, flat[index], out=logits[index])  # [k C, n]
+            else:  # W (mask / keep - 1): -W on a dropped channel, W (1 / keep - 1) on a kept one
+                weights = (weight.unsqueeze(0) * (chunk.unsqueeze(1) - 1.0)).reshape(samples * classes, channels)
+                weights = weights.to(low)
+                logits = torch.empty(batch, samples * classes, height * width, device=features.device, dtype=low)
+                for index in range(batch):
+                    torch.mm(weights, flat[index], out=logits[index])  # [k C, n] deviations
+        yield LogitChunk(logits.view(batch, samples, classes, height, width), base)
 
 
 @contextmanager
@@ -119,6 +157,7 @@ def mc_moments(
     chunk_size: int | None = None,
     image_resolution: bool = True,
     mean_entropy: bool = True,
+    logit_precision: str = "fp32",
 ) -> list[MCMoments]:
     """Per-pixel MC moments for each image of ``[B, 3, H, W]`` (or one ``[3, H, W]``).
 
@@ -129,11 +168,17 @@ def mc_moments(
     whatever it is, the logits differ only by the float32 rounding of a matrix product of
     another shape, 1e-8 here). ``mean_entropy=False`` skips E_s[H(p_s)], which only BALD-type
     acquisitions read (``model.acquisition.needs_mean_entropy``): about a third less work.
+
+    `logit_precision` ("fp32", "bf16", "fp16", "auto": bf16 where native, ``model.precision``)
+    is that of the masked matrix product, most of the sampling's cost: in bf16 it gives each
+    sample's deviation from float32 deterministic logits (``LogitChunk``), a third of the
+    time of float32 on an AVX512-BF16 CPU; softmax and moments stay float64.
     """
     images = _check(images, num_samples, chunk_size)
+    precision = resolve_precision(logit_precision, images.device)
     with _eval_mode(model):
         features = model.features(images)  # [B, D, h, w]
-        moments = _moments_from_features(model, features, num_samples, generator, chunk_size, mean_entropy)
+        moments = _moments_from_features(model, features, num_samples, generator, chunk_size, mean_entropy, precision)
     if not image_resolution:
         return moments
     return [to_image_resolution(model, m, tuple(images.shape[-2:])) for m in moments]
@@ -151,14 +196,15 @@ def _moments_from_features(
     generator: torch.Generator | None,
     chunk_size: int | None,
     mean_entropy: bool,
+    precision: str,
 ) -> list[MCMoments]:
     masks = _dropout_masks(model, num_samples, generator)  # [m, D]
     if chunk_size is None:
         chunk_size = chunk_size_for(model, features)
     accumulators = [MomentAccumulator(mean_entropy) for _ in range(features.shape[0])]
-    for logits in _logit_chunks(model, features, masks, chunk_size):  # [B, k, C, h, w]
+    for chunk in _logit_chunks(model, features, masks, chunk_size, precision):  # [B, k, C, h, w]
         for index, accumulator in enumerate(accumulators):
-            accumulator.update_logits(logits[index])
+            accumulator.update_logits(chunk.deviations[index], None if chunk.base is None else chunk.base[index])
     return [accumulator.result() for accumulator in accumulators]
 
 
@@ -172,6 +218,7 @@ def mc_moments_and_embeddings(
     mean_entropy: bool = True,
     image_resolution: bool = True,
     embedding_precision: str = "fp32",
+    logit_precision: str = "fp32",
 ) -> tuple[MCMoments, torch.Tensor]:
     """One image's MC moments ``[C, H, W]`` and its unit pixel embeddings ``[P, h, w]`` at the
     decoder's resolution, from a single encoder/decoder pass.
@@ -187,14 +234,18 @@ def mc_moments_and_embeddings(
     autocasts the projection head alone, a 3x3 convolution over all D channels that costs
     about half an encoder/decoder pass in fp32; the moments are fp32 whatever it is. In bf16
     the unit embeddings of a 480x360 frame stay within 0.004 of fp32 (cosine >= 0.996).
+    `logit_precision`: as in ``mc_moments``.
     """
     images = _check(image, num_samples, chunk_size)[:1]
     precision = resolve_precision(embedding_precision, images.device)
+    sampling = resolve_precision(logit_precision, images.device)
     with _eval_mode(model):
         features = model.features(images)  # [1, D, h, w]
         with autocast(precision, images.device):
             embeddings = model.embed(features)  # [1, P, h, w] float32, unit length
-        moments = _moments_from_features(model, features, num_samples, generator, chunk_size, mean_entropy)[0]
+        moments = _moments_from_features(
+            model, features, num_samples, generator, chunk_size, mean_entropy, sampling
+        )[0]
     if image_resolution:
         moments = to_image_resolution(model, moments, tuple(images.shape[-2:]))
     return moments, embeddings[0]
@@ -217,7 +268,7 @@ def mc_samples(
         features = model.features(images)  # [1, D, h, w]
         masks = _dropout_masks(model, num_samples, generator)  # [m, D]
         chunks = _logit_chunks(model, features, masks, chunk_size_for(model, features))
-        return torch.cat([logits[0].softmax(dim=1) for logits in chunks])
+        return torch.cat([chunk.logits()[0].softmax(dim=1) for chunk in chunks])
 
 
 @torch.no_grad()

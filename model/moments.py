@@ -102,16 +102,23 @@ class MomentAccumulator:
                 self._sum_entropy += sum_entropy
         self.num_samples += probs.shape[0]
 
-    def update_logits(self, logits: torch.Tensor) -> None:
+    def update_logits(self, logits: torch.Tensor, base: torch.Tensor | None = None) -> None:
         """Add a chunk of k samples given as logits ``[k, C, *spatial]``: softmax over C, then the sums.
 
-        On the CPU one numba pass takes the softmax in float64 from the logits and adds the
-        sums; elsewhere (CUDA) torch's float32 softmax feeds ``update``. The two agree to the
-        float32 rounding of the softmax (1e-7).
+        With `base` ``[C, *spatial]`` (float32), sample s's logits are ``base + logits[s]``:
+        `logits` then holds each sample's deviation from the shared deterministic logits, in
+        any float dtype (``model.mc_dropout`` computes those in bf16, where they are small).
+        On the CPU one numba pass takes the softmax in float64 and adds the sums; elsewhere
+        (CUDA) torch's float32 softmax feeds ``update``. The two agree to the float32
+        rounding of the softmax (1e-7).
         """
         if logits.ndim < 2:
             raise ValueError(f"Expected logits [k, C, ...], got shape {tuple(logits.shape)}.")
+        if base is not None and base.shape != logits.shape[1:]:
+            raise ValueError(f"base {tuple(base.shape)} must be one sample's shape {tuple(logits.shape[1:])}.")
         if logits.device.type != "cpu":
+            if base is not None:
+                logits = logits.float() + base.float().unsqueeze(0)
             self.update(logits.softmax(dim=1))
             return
         samples, classes, *spatial = logits.shape
@@ -122,8 +129,12 @@ class MomentAccumulator:
         elif self._sum_p.shape != logits.shape[1:]:
             raise ValueError(f"Chunk shape {tuple(logits.shape[1:])} differs from {tuple(self._sum_p.shape)}.")
         with_entropy = self._sum_entropy is not None
+        base_rows = np.zeros((0, 0), dtype=np.float32)
+        if base is not None:
+            base_rows = base.detach().to(torch.float32).reshape(classes, -1).contiguous().numpy()  # [C, n]
         _softmax_moment_kernel(
             logits.detach().to(torch.float32).reshape(samples, classes, -1).numpy(),  # a view when it can be
+            base_rows, base is not None,
             self._sum_p.view(classes, -1).numpy(), self._sum_p2.view(classes, -1).numpy(),
             self._sum_entropy.view(-1).numpy() if with_entropy else np.zeros(0), with_entropy,
         )  # fmt: skip
@@ -141,8 +152,9 @@ _KERNEL_BLOCK = 256  # pixels per block: a block's [C, block] float64 scratch st
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FASTMATH_NO_REASSOC)
-def _softmax_moment_kernel(logits, sum_p, sum_p2, sum_entropy, with_entropy):  # pragma: no cover - numba
-    """logits: [k, C, n] float32, any strides (contiguous pixels are fastest). Adds sum_s p_s
+def _softmax_moment_kernel(logits, base, with_base, sum_p, sum_p2, sum_entropy, with_entropy):  # pragma: no cover
+    """logits: [k, C, n] float32, any strides (contiguous pixels are fastest), plus base
+    [C, n] float32 (the same for every sample) with `with_base`. Adds sum_s p_s
     to sum_p [C, n], sum_s p_s^2 to sum_p2 [C, n] (float64) and, with `with_entropy`,
     sum_s H(p_s) to sum_entropy [n], where p_s = softmax over C of sample s's logits, taken
     in float64.
@@ -173,6 +185,12 @@ def _softmax_moment_kernel(logits, sum_p, sum_p2, sum_entropy, with_entropy):  #
                     value = logits[s, c, start + i]
                     finite[i] &= math.isfinite(value)
                     shifted[c, i] = value
+            if with_base:  # in float64: the deviation is exact there
+                for c in range(classes):
+                    for i in range(size):
+                        value = base[c, start + i]
+                        finite[i] &= math.isfinite(value)
+                        shifted[c, i] += value
             peak[:] = shifted[0]
             for c in range(1, classes):
                 for i in range(size):

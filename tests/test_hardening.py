@@ -725,7 +725,7 @@ def test_a_huge_image_within_the_limits_is_predicted(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("SEGAL_REGION_PRECISION", "fp16"), ("SEGAL_DEVICE", "cuda")]
+    ("name", "value"), [("SEGAL_REGION_PRECISION", "fp16"), ("SEGAL_MC_PRECISION", "fp16"), ("SEGAL_DEVICE", "cuda")]
 )
 def test_a_setting_the_machine_cannot_honour_stops_the_server_with_one_line(tmp_path, name, value):
     """fp16 on a CPU, CUDA without a GPU: the real segal-backend exits with the reason, no traceback."""

@@ -1,12 +1,21 @@
 """MC-dropout inference on a real network forward."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import acquisition
 from model.acquisition import score, score_moments
-from model.mc_dropout import CHUNK_ELEMENTS, chunk_size_for, mc_moments, mc_samples, predict_probabilities
+from model.mc_dropout import (
+    CHUNK_ELEMENTS,
+    _moments_from_features,
+    chunk_size_for,
+    mc_moments,
+    mc_samples,
+    predict_probabilities,
+)
 from model.moments import MomentAccumulator, moments_from_samples
 from model.network import ModelConfig, build_model
 
@@ -146,6 +155,42 @@ def test_logit_kernel_matches_torch_softmax_and_sums():
             torch.testing.assert_close(fast.mean_entropy[~nan], slow.mean_entropy[~nan], rtol=0, atol=1e-6)
         torch.testing.assert_close(fast.mean[:, 1, 1], torch.full((6,), 1 / 6, dtype=torch.float64))
         assert fast.num_samples == 20
+    # with a base, sample s's logits are base + logits[s]; a NaN in the base makes its pixel NaN
+    base = torch.randn(6, 9, 13, generator=generator) * 30
+    base[1, 3, 4] = float("nan")
+    split, whole = MomentAccumulator(), MomentAccumulator()
+    split.update_logits(logits, base)
+    whole.update_logits(logits + base)
+    torch.testing.assert_close(split.result().mean, whole.result().mean, rtol=0, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(split.result().mean_entropy, whole.result().mean_entropy, rtol=0, atol=1e-6,
+                               equal_nan=True)  # fmt: skip
+    assert split.result().mean[:, 3, 4].isnan().all()
+    with pytest.raises(ValueError, match="one sample's shape"):
+        MomentAccumulator().update_logits(logits, base[:, :4])
+
+
+def test_bf16_sampling_moves_the_moments_far_less_than_the_sampling_does(model, image):
+    """The masked product in bf16 gives deviations from float32 deterministic logits. Shifting
+    every logit by 100 (the bias; the softmax is unchanged) shows why: bf16 logits of 100 are
+    0.5 apart, which would move the moments as much as another seed does, while the
+    deviations do not grow with the shift."""
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.classifier.bias += 100.0
+        features = model.features(image.unsqueeze(0))  # [1, D, h, w]
+
+    @torch.no_grad()
+    def moments(net, precision, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return _moments_from_features(net, features, 20, generator, None, True, precision)[0]
+
+    reference = moments(model, "fp32", 0)
+    sampling = (moments(model, "fp32", 1).mean - reference.mean).abs().max()  # another seed's masks
+    for net in (model, shifted):
+        fast = moments(net, "bf16", 0)
+        assert (fast.mean - reference.mean).abs().max() < 0.02 * sampling
+        assert (fast.variance - reference.variance).abs().max() < 0.02 * reference.variance.max()
+        assert (fast.mean_entropy - reference.mean_entropy).abs().max() < 0.02 * sampling
 
 
 def test_moments_under_a_bf16_autocast_are_float32_moments(model, image):
