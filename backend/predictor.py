@@ -328,8 +328,9 @@ class Predictor:
             function = settings.acquisition
             probs = None
             if self._proposes_regions(schema):  # keypoints alone need no region evidence
-                # the MC mean at the image resolution [C, h, w]: the regions' labels (and entropy)
-                probs = model.upsample(coarse.mean.unsqueeze(0), (height, width))[0].cpu()
+                # the MC mean at the image resolution [C, h, w]: the regions' labels (and entropy),
+                # in float32, which they need no more than, at half the upsampling's and entropy's cost
+                probs = model.upsample(coarse.mean.float().unsqueeze(0), (height, width))[0].cpu()
                 evidence.probs = probs
                 same_scores = settings.acquisition == "balent" and settings.point_grid == "image"
                 if settings.region_score == "balent" and same_scores:

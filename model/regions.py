@@ -279,11 +279,12 @@ class RegionProjector:
             )
         if len(vectors) == 0:
             return np.zeros((0, self.n_components), dtype=np.float32)
-        # numpy, not torch: a few small element-wise steps, where an OpenMP team's hand-offs on a
-        # busy 2-core machine turned 2 ms into a second
+        # numpy, not torch, for the small element-wise steps, where an OpenMP team's hand-offs on
+        # a busy 2-core machine turned 2 ms into a second; torch for the top-k, a single large
+        # step (2 ms for 300 regions against 7000 vectors, where numpy's argpartition took 7-20)
         similarity = _unit_rows(vectors) @ self.reference.T  # [K, N]
         k = self.n_neighbors
-        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]  # [K, k] unordered
+        nearest = torch.topk(torch.from_numpy(similarity), k, dim=1).indices.numpy()  # [K, k]
         nearest_similarity = np.take_along_axis(similarity, nearest, axis=1)
         # unit vectors: euclidean distance^2 = 2 - 2 cos
         distances = np.sqrt(np.clip(2.0 - 2.0 * nearest_similarity.astype(np.float64), 0.0, None))  # [K, k]
