@@ -1,8 +1,9 @@
 """Which floating-point precision a device runs: resolving "auto", and the autocast context.
 
-Training (``model.training``) autocasts its convolutions; inference autocasts only the
+Training (``model.training``) autocasts its convolutions. Inference autocasts only the
 projection head (``model.mc_dropout.mc_moments_and_embeddings``), whose output feeds region
-selection, never the class probabilities.
+selection; the MC samples may take their masked product in bf16, as deviations from float32
+deterministic logits (``model.mc_dropout.LogitChunk``), never the encoder and decoder.
 """
 
 from __future__ import annotations
