@@ -179,18 +179,26 @@ def _softmax_moment_kernel(logits, base, with_base, sum_p, sum_p2, sum_entropy, 
         block_p2 = np.zeros((classes, size))
         block_entropy = np.zeros(size)
         finite = np.ones(size, dtype=np.bool_)
-        for s in range(samples):
+        block_base = np.zeros((classes, size) if with_base else (0, 0))  # the block's base, once
+        if with_base:
             for c in range(classes):
                 for i in range(size):
-                    value = logits[s, c, start + i]
+                    value = base[c, start + i]
                     finite[i] &= math.isfinite(value)
-                    shifted[c, i] = value
-            if with_base:  # in float64: the deviation is exact there
+                    block_base[c, i] = value
+        for s in range(samples):
+            if with_base:  # added in float64, where the deviation stays exact
                 for c in range(classes):
                     for i in range(size):
-                        value = base[c, start + i]
+                        value = logits[s, c, start + i]
                         finite[i] &= math.isfinite(value)
-                        shifted[c, i] += value
+                        shifted[c, i] = value + block_base[c, i]
+            else:
+                for c in range(classes):
+                    for i in range(size):
+                        value = logits[s, c, start + i]
+                        finite[i] &= math.isfinite(value)
+                        shifted[c, i] = value
             peak[:] = shifted[0]
             for c in range(1, classes):
                 for i in range(size):

@@ -155,9 +155,10 @@ def _sums_through_cell_weights(
     for rows, row_weight in ((rows0, 1.0 - row_frac), (rows1, row_frac)):
         for cols, col_weight in ((cols0, 1.0 - col_frac), (cols1, col_frac)):
             keys.append(region + (rows[:, None] * cells_w + cols[None, :]).reshape(-1))
-            weights.append((row_weight[:, None] * col_weight[None, :]).reshape(-1))
+            weights.append((row_weight[:, None] * col_weight[None, :]).reshape(-1).to(torch.float32))
+    # float32 weights give float32 sums: the [K, h * w] matrix is never built in float64
     cell_weights = torch.bincount(torch.cat(keys), torch.cat(weights), minlength=count * cells_h * cells_w)
-    cell_weights = cell_weights.view(count, cells_h * cells_w).to(torch.float32)  # [K, h * w]
+    cell_weights = cell_weights.view(count, cells_h * cells_w)  # [K, h * w] float32
     return maps.reshape(dim, -1) @ cell_weights.T  # [P, K]
 
 

@@ -195,7 +195,7 @@ def top_regions(
 
 def majority_labels(prediction: np.ndarray, segments: np.ndarray, num_classes: int) -> np.ndarray:
     """Most frequent predicted class ``[K]`` in each region of ``segments``."""
-    count = segments.max() + 1
-    votes = np.zeros((count, num_classes), dtype=np.int64)
-    np.add.at(votes, (segments.ravel(), prediction.ravel()), 1)
+    count = int(segments.max()) + 1
+    pairs = segments.ravel().astype(np.int64) * num_classes + prediction.ravel()  # np.add.at took 5x longer
+    votes = np.bincount(pairs, minlength=count * num_classes).reshape(count, num_classes)
     return votes.argmax(1)
