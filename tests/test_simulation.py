@@ -321,6 +321,39 @@ def test_pixel_queries_on_the_decoder_grid_ask_node_pixels(camvid_dir, tmp_path)
         tiny(camvid_dir, mode="region", pixel_grid="decoder")
 
 
+def test_the_mc_precision_reaches_every_query(camvid_dir, tmp_path, monkeypatch):
+    """``mc_precision="bf16"``: the queries' MC samples take the backend's bf16 product (its own
+    run name; older runs read as fp32); a CPU without native bf16 refuses it with the reason."""
+    from model.precision import bf16_is_native
+    from model.simulation import loop
+    from model.simulation.config import differences
+
+    asked = []
+    real_mc_moments = loop.mc_moments
+
+    def recording_mc_moments(*args, **kwargs):
+        asked.append(kwargs.get("logit_precision"))
+        return real_mc_moments(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "mc_moments", recording_mc_moments)
+    config = tiny(camvid_dir, cycles=2, mc_precision="bf16")
+    plain = tiny(camvid_dir)
+    old = {key: value for key, value in plain.to_dict().items() if key != "mc_precision"}
+    assert differences(old, plain) == [] and plain.run_name == "pixel-balent-seed0"
+    assert differences(old, config) == ["mc_precision: 'fp32' -> 'bf16'"]
+    with pytest.raises(ValueError, match="mc_precision must be fp32 or bf16"):
+        tiny(camvid_dir, mc_precision="fp16")
+    if not bf16_is_native(torch.device("cpu")):
+        with pytest.raises(ValueError, match="native bf16"):
+            run_simulation(config, tmp_path, progress=False, log=lambda _: None)
+        return
+    result = run_simulation(config, tmp_path, progress=False, log=lambda _: None)
+    assert result.folder.name == "pixel-balent-mcbf16-seed0"
+    assert asked and set(asked) == {"bf16"}  # cycle 2's queries (cycle 1 is the random cold start)
+    state = load_state(result.folder)
+    assert all((revealed_at == 2).sum() == N for revealed_at in state.revealed_at)
+
+
 def test_random_regions_can_train_as_umap_kmeans_does(camvid_dir, tmp_path, monkeypatch, capsys):
     """``training="contrastive"``: a rank run trained and served paper 004's way, so that it differs
     from umap-kmeans by the selection alone."""

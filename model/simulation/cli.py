@@ -58,6 +58,7 @@ OVERRIDES = (
     ("--device", "device", str, "auto, cpu, cuda, cuda:1"),
     ("--eval-batch-size", "eval_batch_size", int, "images per inference batch"),
     ("--umap-epochs", "umap_epochs", int, "umap-kmeans: UMAP layout epochs of the region projector (0: UMAP's)"),
+    ("--mc-precision", "mc_precision", str, "queries: the MC samples' masked product, fp32 or bf16"),
 )
 
 

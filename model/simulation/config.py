@@ -45,7 +45,7 @@ RESUMABLE_FIELDS = ("cycles", "device", "eval_batch_size")
 # The supervised reference never queries and trains on dense labels: these settings cannot change it.
 QUERY_FIELDS = (
     "mode", "pixels", "regions", "superpixels", "mc_samples", "selection", "semi", "training", "pixel_grid",
-    "umap_epochs",
+    "umap_epochs", "mc_precision",
 )
 # Settings of the supervised reference alone: they cannot change an active-learning run.
 SUPERVISED_FIELDS = ("supervised_steps",)
@@ -55,6 +55,7 @@ LEGACY_DEFAULTS = {
     "selection": "rank", "semi": False, "supervised_steps": None, "training": None, "pixel_grid": "image",
     "head_cells": "all",  # runs saved before 2026-12-03 trained the projection head on the whole map
     "umap_epochs": 0,
+    "mc_precision": "fp32",
 }
 
 
@@ -109,6 +110,9 @@ class SimulationConfig:
     # umap-kmeans: the region projector's UMAP layout epochs; 0: UMAP's own default (200 above
     # 10000 bank vectors, 500 below)
     umap_epochs: int = 0
+    # queries: the MC samples' masked product, "fp32" or "bf16" (model.mc_dropout.LogitChunk;
+    # the backend's SEGAL_MC_PRECISION=auto on a CPU with native bf16)
+    mc_precision: str = "fp32"
     seed: int = 0
     device: str = "auto"
     eval_batch_size: int = 8
@@ -128,6 +132,8 @@ class SimulationConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for the whole split), got {value}.")
+        if self.mc_precision not in ("fp32", "bf16"):
+            raise ValueError(f"mc_precision must be fp32 or bf16, got {self.mc_precision!r}.")
         if self.umap_epochs < 0:
             raise ValueError(f"umap_epochs must be >= 0 (0: UMAP's default), got {self.umap_epochs}.")
         if self.batch_size < 2:
@@ -210,11 +216,13 @@ class SimulationConfig:
         ``<mode>-<acquisition>-contrastive-seed<k>`` for a rank run trained paper 004's way,
         ``pixel-<acquisition>-decoder-seed<k>`` for queries scored on the decoder's grid; ``-semi``
         before ``-seed`` with semi-supervised training, ``-headall`` before it with the projection
-        head trained on the whole map, ``-epochs<N>`` with N UMAP layout epochs)."""
+        head trained on the whole map, ``-epochs<N>`` with N UMAP layout epochs, ``-mcbf16`` before
+        ``-seed`` with the MC samples' product in bf16)."""
         if self.supervised:
             return f"{SUPERVISED}-seed{self.seed}"
         head = "-headall" if self.contrastive and self.head_cells == "all" else ""
         semi = "-semi" if self.semi_supervised else ""
+        semi += "-mcbf16" if self.mc_precision == "bf16" else ""
         if self.clustered:
             epochs = f"-epochs{self.umap_epochs}" if self.umap_epochs else ""
             return f"{self.mode}-{self.acquisition}-{self.selection}{head}{epochs}{semi}-seed{self.seed}"

@@ -259,7 +259,8 @@ def _query_clustered(
     for index in tqdm(range(len(pool)), desc=desc, leave=False, disable=not progress):
         image = pool.images[index]  # [3, H, W]
         moments, embeddings = mc_moments_and_embeddings(
-            model, image.to(device), config.mc_samples, generator=mc_generator, mean_entropy=with_mean_entropy
+            model, image.to(device), config.mc_samples, generator=mc_generator, mean_entropy=with_mean_entropy,
+            logit_precision=config.mc_precision,
         )  # [C, H, W], [P, h, w]
         regions = query_clustered_regions(
             config.acquisition,
@@ -292,6 +293,7 @@ def _query_all(model, pool: LabelPool, config: SimulationConfig, cycle: int, pro
             generator=mc_generator,
             mean_entropy=with_mean_entropy,
             image_resolution=not on_grid,  # the decoder grid's moments are scored as they are
+            logit_precision=config.mc_precision,
         )
         padded_size = model.padded_size(tuple(stacked.shape[-2:]))
         for index, moments in zip(batch, batch_moments):
