@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -404,7 +405,7 @@ def train(
                 labels = torch.stack([lab for _, lab, _ in batch]).to(device)  # [B, h, w]
                 if not (labels != IGNORE_INDEX).any():
                     result.skipped_steps += 1
-                    scheduler.step()
+                    _advance_schedule(scheduler)
                     continue
                 if distributed is not None:  # every rank drew the whole global batch; it trains on its share
                     batch, labels = distributed.shard(batch, labels)
@@ -459,7 +460,7 @@ def train(
                     # runs); the gradients are all-reduced already, so every rank skips the same step
                     _skip_nonfinite_step(result, step, total, float(loss.detach()))
                     optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
+                    _advance_schedule(scheduler)
                     continue
                 scaler.step(optimizer)
                 scaler.update()
@@ -529,6 +530,17 @@ MAX_NONFINITE_FRACTION = 0.1
 
 class TrainingDiverged(RuntimeError):
     """Too many steps of a run had NaN or infinite gradients."""
+
+
+def _advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """The schedule's step for a skipped optimizer step: the poly decay follows the step count,
+    so a run ends at the same rate however many steps it skipped. torch warns of a scheduler
+    step before any optimizer step as a likely mistake; when the first step is skipped, it is
+    on purpose, and the warning would only alarm the user."""
+    with warnings.catch_warnings():
+        ordering = r"Detected call of `lr_scheduler\.step\(\)` before"
+        warnings.filterwarnings("ignore", message=ordering, category=UserWarning)
+        scheduler.step()
 
 
 def _finite_gradients(model: nn.Module) -> bool:
