@@ -16,6 +16,7 @@ from backend.label_config import parse_label_config
 from backend.service import ActiveLearningBackend
 from backend.trainer import ProjectSource
 from model.data import CAMVID_CLASSES, IGNORE_INDEX, SegmentationFolder
+from model.precision import bf16_is_native
 
 from test_backend import FULL_CONFIG, IMAGES, make_settings
 
@@ -190,3 +191,19 @@ def test_training_publishes_a_projector_and_regions_come_from_clusters(tmp_path,
     by_apart, _ = apart.predictor.predict("6", schema, [annotated])
     apart_scores = [r["acquisition"]["value"] for r in by_apart[0]["result"] if r["type"] == "brushlabels"]
     np.testing.assert_allclose(apart_scores, scores, rtol=1e-12)
+
+    # SEGAL_MC_PRECISION: auto takes the MC samples' masked product in bf16 where the CPU has it
+    # natively; the moments stay far within the sampling's noise of fp32's (README, "MC precision")
+    auto = ActiveLearningBackend(backend.settings)
+    exact = ActiveLearningBackend(dataclasses.replace(backend.settings, mc_precision="fp32"))
+    native = bf16_is_native(torch.device("cpu"))
+    assert auto.predictor.logit_precision == ("bf16" if native else "fp32") and exact.predictor.logit_precision == "fp32"
+    work = auto.predictor.load(schema, annotated)
+    means = [
+        b.predictor._model_outputs(reloaded.model, work.image, torch.Generator().manual_seed(0), False).coarse.mean
+        for b in (auto, exact)
+    ]  # [C, h/4, w/4] each, the same dropout masks
+    change = float((means[0] - means[1]).abs().max())
+    assert change < 1e-3 and (change > 0) == native, change
+    by_exact, errors = exact.predictor.predict("6", schema, [annotated])
+    assert not errors and len([r for r in by_exact[0]["result"] if r["type"] == "brushlabels"]) == 4
