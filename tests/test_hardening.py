@@ -683,8 +683,8 @@ def test_harness_closes_the_sdk_clients_it_hands_out():
             client.projects.get(id=1)  # a real request: the connection stays pooled
         http = client._client_wrapper.httpx_client.httpx_client
         assert not http.is_closed
-        # earlier tests' garbage first: its warnings are theirs, not this client's (a socket of
-        # another test, collected here, once failed this test in a full run)
+        # earlier tests' garbage first: its warnings are theirs, not this client's (an earlier
+        # test's unclosed resource, collected here, once failed this test in a full run)
         gc.collect()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
