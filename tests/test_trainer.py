@@ -200,8 +200,8 @@ def test_training_publishes_a_projector_and_regions_come_from_clusters(tmp_path,
     assert auto.predictor.logit_precision == ("bf16" if native else "fp32") and exact.predictor.logit_precision == "fp32"
     work = auto.predictor.load(schema, annotated)
     means = [
-        b.predictor._model_outputs(reloaded.model, work.image, torch.Generator().manual_seed(0), False).coarse.mean
-        for b in (auto, exact)
+        each.predictor._model_outputs(reloaded.model, work.image, torch.Generator().manual_seed(0), False).coarse.mean
+        for each in (auto, exact)
     ]  # [C, h/4, w/4] each, the same dropout masks
     change = float((means[0] - means[1]).abs().max())
     assert change < 1e-3 and (change > 0) == native, change

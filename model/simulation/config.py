@@ -222,13 +222,13 @@ class SimulationConfig:
             return f"{SUPERVISED}-seed{self.seed}"
         head = "-headall" if self.contrastive and self.head_cells == "all" else ""
         semi = "-semi" if self.semi_supervised else ""
-        semi_mc = semi + ("-mcbf16" if self.mc_precision == "bf16" else "")  # both right before -seed
+        before_seed = semi + ("-mcbf16" if self.mc_precision == "bf16" else "")
         if self.clustered:
             epochs = f"-epochs{self.umap_epochs}" if self.umap_epochs else ""
-            return f"{self.mode}-{self.acquisition}-{self.selection}{head}{epochs}{semi_mc}-seed{self.seed}"
+            return f"{self.mode}-{self.acquisition}-{self.selection}{head}{epochs}{before_seed}-seed{self.seed}"
         training = "-contrastive" if self.contrastive else ""
         grid = "-decoder" if self.pixel_grid == "decoder" else ""
-        return f"{self.mode}-{self.acquisition}{grid}{training}{head}{semi_mc}-seed{self.seed}"
+        return f"{self.mode}-{self.acquisition}{grid}{training}{head}{before_seed}-seed{self.seed}"
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
