@@ -10,16 +10,20 @@ LS_VERSION=1.23.2
 LS_VENV=.venv-label-studio
 PYTHON=${PYTHON:-python3}
 
-# Label Studio: reinstall only when the binary is missing or the stamp names another version.
+LS_CONSTRAINTS=scripts/label-studio-constraints.txt
+
+# Label Studio: reinstall only when the binary is missing or the stamp names another version
+# or other pins of its dependencies (LS_CONSTRAINTS: its own unpinned dependencies have broken it).
 stamp="$LS_VENV/.label-studio-version"
-if [ -x "$LS_VENV/bin/label-studio" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$LS_VERSION" ]; then
+want="$LS_VERSION $(sha256sum "$LS_CONSTRAINTS" | cut -d' ' -f1)"
+if [ -x "$LS_VENV/bin/label-studio" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     echo "label-studio $LS_VERSION: already in $LS_VENV"
 else
     echo "label-studio $LS_VERSION: installing into $LS_VENV (about 1 min, 1 GB)"
     [ -x "$LS_VENV/bin/python" ] || "$PYTHON" -m venv "$LS_VENV"
     # pip's chatter goes to a log, shown only when the install fails.
     log="$LS_VENV/pip-install.log"
-    "$LS_VENV/bin/python" -m pip install --disable-pip-version-check "label-studio==$LS_VERSION" >"$log" 2>&1 ||
+    "$LS_VENV/bin/python" -m pip install --disable-pip-version-check -c "$LS_CONSTRAINTS" "label-studio==$LS_VERSION" >"$log" 2>&1 ||
         { tail -n 30 "$log" >&2; echo "pip install label-studio==$LS_VERSION failed (full log: $log)" >&2; exit 1; }
     # Check by import, not with 'label-studio --version': that creates a database in
     # ~/.local/share/label-studio, asks pypi.org for the latest version and does not exit.
@@ -27,7 +31,7 @@ else
         { echo "label-studio installed but does not import in $LS_VENV" >&2; exit 1; }
     [ "$have" = "$LS_VERSION" ] ||
         { echo "expected label-studio $LS_VERSION in $LS_VENV, found $have" >&2; exit 1; }
-    echo "$LS_VERSION" >"$stamp"
+    echo "$want" >"$stamp"
 fi
 
 # Chromium and chromedriver from Debian: the driver always matches the browser version.
