@@ -9,6 +9,7 @@
 #   ./run.sh bench-train  training: step time (fp32 / bf16), mIoU per schedule, time to a new version
 #   ./run.sh bench-predict  /predict of one task with a trained model vs one plain forward
 #   ./run.sh bench-ddp    training step time in 1 and 2 processes (DDP, Gloo) on CPU
+#   ./run.sh bench-busy   /predict alone, beside a training process, beside a pool job
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -50,6 +51,7 @@ case "$command" in
     bench-train) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" scripts/train_benchmark.py "$@" ;;
     bench-predict) setup test; exec "$VENV/bin/python" scripts/predict_benchmark.py "$@" ;;
     bench-ddp) setup ""; exec "$VENV/bin/python" scripts/ddp_benchmark.py "$@" ;;
+    bench-busy) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" scripts/busy_benchmark.py "$@" ;;
     demo) setup ""; exec "$VENV/bin/segal-demo" "$@" ;;
-    *) echo "usage: ./run.sh [start|test|setup|bench|bench-pool|bench-train|bench-predict|bench-ddp|demo] [args...]" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh [start|test|setup|bench|bench-pool|bench-train|bench-predict|bench-ddp|bench-busy|demo] [args...]" >&2; exit 2 ;;
 esac

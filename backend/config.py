@@ -63,6 +63,9 @@ class Settings:
     train_crop: int = 512  # SEGAL_TRAIN_CROP: square training crop side (smaller images are padded)
     train_procs: int | None = None  # SEGAL_TRAIN_PROCS: auto (None: one per visible GPU, 1 on CPU) | N processes
     train_command: str = ""  # SEGAL_TRAIN_COMMAND: launch runs with this ({manifest}, {procs}, {python}); "": local
+    # SEGAL_JOB_NICE: the nice value added to the training and scoring processes this backend
+    # starts (0-19): the server's requests take the cores first while a job runs
+    job_nice: int = 19
     arch: str = "deeplabv3plus"  # SEGAL_ARCH: any segmentation-models-pytorch architecture
     encoder: str = "tu-tf_efficientnet_lite0"  # SEGAL_ENCODER
     encoder_weights: str | None = "packaged"  # SEGAL_ENCODER_WEIGHTS: packaged | imagenet | none
@@ -151,6 +154,7 @@ class Settings:
             train_crop=reader.integer("SEGAL_TRAIN_CROP", 512, 32, 8_192),
             train_procs=reader.auto_or_integer("SEGAL_TRAIN_PROCS", None, 1, 1_024),
             train_command=reader.command("SEGAL_TRAIN_COMMAND"),
+            job_nice=reader.integer("SEGAL_JOB_NICE", 19, 0, 19),
             arch=env.get("SEGAL_ARCH") or "deeplabv3plus",
             encoder=env.get("SEGAL_ENCODER") or "tu-tf_efficientnet_lite0",
             encoder_weights=reader.choice(

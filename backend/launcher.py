@@ -54,11 +54,15 @@ def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> bool:
     return _prctl(_PR_SET_PDEATHSIG, int(sig)) == 0
 
 
-def _child_setup(parent_pid: int) -> None:
-    """In the child, between fork and exec: die with the backend. If it died in between, go now."""
-    die_with_parent()
-    if os.getppid() != parent_pid:
-        os._exit(1)
+def _child_setup(parent_pid: int, nice: int) -> None:
+    """In the child, between fork and exec: lower its CPU priority by `nice` (what it starts
+    inherits it), and die with the backend (Linux); if the backend died in between, go now."""
+    if nice:
+        os.nice(nice)
+    if _prctl is not None:
+        die_with_parent()
+        if os.getppid() != parent_pid:
+            os._exit(1)
 
 
 _PLACEHOLDERS = ("manifest", "procs", "python")
@@ -112,12 +116,16 @@ class TrainingProcess:
     """One run's process: start, follow its progress records, wait, stop, explain a failure.
 
     `module` and `log_name` serve the pool-scoring job too (``backend.score_job``), and
-    `extra_env` adds variables to the inherited environment (the scoring job's API key)."""
+    `extra_env` adds variables to the inherited environment (the scoring job's API key).
+    `nice` (SEGAL_JOB_NICE) is added to the process's nice value: on a CPU the job and the
+    server's requests share the cores, and a forward loop in a process at the same priority
+    made a /predict about 5x slower on 2 cores (README, "Requests first"); a niced job still
+    takes every cycle the requests leave."""
 
     def __init__(
         self, manifest: Path, procs: int = 1, command_template: str = "", cpu: bool = True,
         module: str = JOB_MODULE, log_name: str = LOG_NAME, extra_env: dict[str, str] | None = None,
-        kind: str = "training",
+        kind: str = "training", nice: int = 0,
     ):  # fmt: skip
         self.manifest = Path(manifest).resolve()
         self.folder = self.manifest.parent
@@ -126,6 +134,7 @@ class TrainingProcess:
         self.cpu = cpu
         self.extra_env = dict(extra_env or {})
         self.kind = kind  # "training" or "scoring", in failure messages
+        self.nice = nice
         self.log_path = self.folder / log_name
         self.progress_path = self.folder / "progress.jsonl"
         self.process: subprocess.Popen | None = None
@@ -154,7 +163,7 @@ class TrainingProcess:
             self.process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
                 start_new_session=True, close_fds=True,
-                preexec_fn=(lambda: _child_setup(parent)) if _prctl is not None else None,
+                preexec_fn=(lambda: _child_setup(parent, self.nice)) if _prctl is not None or self.nice else None,
             )  # fmt: skip
         record = {"pid": self.process.pid, "host": socket.gethostname(), "argv": self.argv, "started": time.time()}
         (self.folder / LAUNCHER_PID_NAME).write_text(json.dumps(record))
@@ -201,9 +210,44 @@ class TrainingProcess:
                 os.killpg(self.process.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+            self.resume()  # a paused process acts on SIGTERM only once it runs again
             if self.wait(grace) is not None:
                 break
         return self.process.returncode
+
+    def pause(self) -> None:
+        """Stop the job where it is (SIGSTOP to its process group and its ranks), e.g. while the
+        server answers a request (``backend.gate``); ``resume`` continues it."""
+        self._signal_job(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_job(signal.SIGCONT)
+
+    def _signal_job(self, sig: signal.Signals) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in self._rank_pids():  # torchrun's ranks run in sessions of their own
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _rank_pids(self) -> list[int]:
+        """The ranks' pids from their ``rank-<r>.pid`` files, those still running this job."""
+        pids = []
+        for path in self.folder.glob("rank-*.pid"):
+            try:
+                pid = int(path.read_text().strip())
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if pid > 1 and str(self.manifest).encode() in command:  # not a pid reused since
+                pids.append(pid)
+        return pids
 
     def log_tail(self, lines: int = 40) -> list[str]:
         try:

@@ -35,6 +35,7 @@ Studio's task list and the score its "Prediction score".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -93,6 +94,8 @@ class PoolState:
     compute_seconds: float = 0.0
     image_wait_seconds: float = 0.0
     api_wait_seconds: float = 0.0
+    # paused while /predict requests computed (requests first, ``backend.gate``)
+    request_wait_seconds: float = 0.0
     # a job in several processes: each rank's peak resident memory (MiB), in rank order
     rank_peak_rss_mib: list[float] = field(default_factory=list)
 
@@ -346,6 +349,7 @@ class PoolScorer:
             for pool_task in page.tasks if page is not None else []:
                 try:
                     work = self.predictor.load(schema, pool_task.task)
+                    self.predictor.gate.wait_for_requests()  # requests first
                     values.append(self.predictor.task_value(candidate, schema, work, pool_task.task))
                 except Exception as error:  # noqa: BLE001 - a task it cannot score is just left out
                     log.info(
@@ -355,6 +359,7 @@ class PoolScorer:
             log.info("project %s: no pool sample for the score scale (%s)", project, _describe(error))
         if len(values) < MIN_CALIBRATION_TASKS:
             for index, (image, labels) in enumerate(training_samples[:CALIBRATION_TASKS]):
+                self.predictor.gate.wait_for_requests()
                 values.append(self.predictor.image_value(candidate.model, image, labels != IGNORE_INDEX, seed=index))
         try:
             return ScoreScale.fit(values)
@@ -442,6 +447,10 @@ class _Job:
                         in_flight.append((pool_task.task, older, future))
                     if not in_flight:
                         break
+                    paused = predictor.gate.wait_for_requests(self.entry.cancel)  # requests first
+                    if paused:
+                        with self.scorer._lock:
+                            self.state.request_wait_seconds += paused
                     self._check_cancel()
                     task, older, future = in_flight.popleft()
                     try:
@@ -571,20 +580,23 @@ class _ShardedJob:
             manifest = write_manifest(folder, project=self.project, version=self.version, settings=settings)
             process = TrainingProcess(
                 manifest, self.ranks, cpu=self.scorer.store.device.type == "cpu", module=MODULE, log_name=LOG_NAME,
-                extra_env={API_KEY_VARIABLE: settings.label_studio_api_key}, kind="scoring",
+                extra_env={API_KEY_VARIABLE: settings.label_studio_api_key}, kind="scoring", nice=settings.job_nice,
             ).start()  # fmt: skip
             started = time.monotonic()
-            while True:
-                code = process.wait(POLL_SECONDS)
-                records = [r for r in process.records() if r.get("event") in ("shard", "finished")]
-                for record in records:
-                    self.shards[int(record.get("rank", 0))] = record
-                if records:
-                    self._update(time.monotonic() - started)
-                if code is not None:
-                    break
-                if self.entry.cancel.is_set():
-                    raise Cancelled()
+            # on the server's CPU the ranks pause while requests compute (backend.gate)
+            cpu = self.scorer.store.device.type == "cpu"
+            with self.scorer.predictor.gate.pausing(process) if cpu else contextlib.nullcontext():
+                while True:
+                    code = process.wait(POLL_SECONDS)
+                    records = [r for r in process.records() if r.get("event") in ("shard", "finished")]
+                    for record in records:
+                        self.shards[int(record.get("rank", 0))] = record
+                    if records:
+                        self._update(time.monotonic() - started)
+                    if code is not None:
+                        break
+                    if self.entry.cancel.is_set():
+                        raise Cancelled()
             if code != 0:
                 raise ScoringFailed(process.failure(code))
         finally:

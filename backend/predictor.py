@@ -68,6 +68,7 @@ from model.superpixels import (
 
 from .config import Settings
 from .convert import annotation_to_labels, brush_region, keypoint_region, polygon_region
+from .gate import RequestGate
 from .images import ImageFetcher, ImageFetchError, rgb_to_tensor
 from .label_config import LabelSchema
 from .store import ModelStore, ServedModel
@@ -212,6 +213,8 @@ class Predictor:
         # hundreds of images through, and 256 maps of a 1024 px image would be 750 MB
         self.superpixels = SuperpixelCache(capacity=SUPERPIXEL_CACHE_IMAGES)
         self.model_outputs = ModelOutputCache()
+        # held by /predict (``predict``); the pool job and the score-scale fit wait on it
+        self.gate = RequestGate()
 
     def predict(
         self, project: str, schema: LabelSchema, tasks: list[dict], context: dict | None = None
@@ -225,15 +228,16 @@ class Predictor:
             )
             served = ServedModel(None, served.version, served.classes, {})
         results, errors = [], []
-        for task, image in self._prefetched(schema, tasks):
-            try:
-                work = self.working_image(image.result())
-                results.append(self.predict_task(served, schema, task, context, work=work, reuse_outputs=True))
-            except (TaskError, ImageFetchError, ValueError) as error:
-                log.warning("task %s: no prediction: %s", task.get("id"), error)
-                errors.append(f"task {task.get('id')}: {error}")
-                # no score: Label Studio sorts tasks without one last, whatever the direction
-                results.append({"result": [], "score": None, "model_version": served.name})
+        with self.gate.request():  # the background work in this process waits meanwhile
+            for task, image in self._prefetched(schema, tasks):
+                try:
+                    work = self.working_image(image.result())
+                    results.append(self.predict_task(served, schema, task, context, work=work, reuse_outputs=True))
+                except (TaskError, ImageFetchError, ValueError) as error:
+                    log.warning("task %s: no prediction: %s", task.get("id"), error)
+                    errors.append(f"task {task.get('id')}: {error}")
+                    # no score: Label Studio sorts tasks without one last, whatever the direction
+                    results.append({"result": [], "score": None, "model_version": served.name})
         return results, errors
 
     def _prefetched(self, schema: LabelSchema, tasks: list[dict]) -> Iterator[tuple[dict, Future]]:

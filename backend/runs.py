@@ -17,6 +17,7 @@ run folder on their command line (so a pid reused by another program is never si
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -245,10 +246,14 @@ def run_training(
     command_template: str = "",
     on_record=None,
     on_start=None,
+    nice: int = 0,
+    gate=None,
 ):
     """Train in a process of its own and load what it wrote: ``(model to serve, memory bank,
     the run's summary)``. `on_record(record)` gets each progress record ("started", "step"),
-    `on_start(process)` the started ``TrainingProcess``. Raises ``TrainingFailed``."""
+    `on_start(process)` the started ``TrainingProcess``; `nice`: its lower CPU priority
+    (SEGAL_JOB_NICE); `gate`: a ``backend.gate.RequestGate`` that pauses the process while
+    requests compute (a training on the server's own CPU). Raises ``TrainingFailed``."""
     from model.checkpoint import load_checkpoint
 
     from .launcher import TrainingProcess
@@ -262,16 +267,17 @@ def run_training(
             folder, classes=classes, model_config=model_config, train_config=train_config, samples=samples,
             device=device, init_checkpoint=init_checkpoint,
         )  # fmt: skip
-        process = TrainingProcess(manifest, procs, command_template, cpu=device.startswith("cpu")).start()
+        process = TrainingProcess(manifest, procs, command_template, cpu=device.startswith("cpu"), nice=nice).start()
         if on_start is not None:
             on_start(process)
-        while True:
-            code = process.wait(POLL_SECONDS)
-            for record in process.records():
-                if on_record is not None:
-                    on_record(record)
-            if code is not None:
-                break
+        with gate.pausing(process) if gate is not None else contextlib.nullcontext():
+            while True:
+                code = process.wait(POLL_SECONDS)
+                for record in process.records():
+                    if on_record is not None:
+                        on_record(record)
+                if code is not None:
+                    break
         if code != 0:
             failure = process.failure(code)
         else:

@@ -94,7 +94,8 @@ class ActiveLearningBackend:
         self.schemas: dict[str, LabelSchema] = {}
         self.pool = PoolScorer(settings, self.store, self.predictor, self.schemas, self._client)
         self.trainer = Trainer(
-            settings, self.store, self.fetcher, ProjectSource(self._client), self.schemas, listener=self.pool
+            settings, self.store, self.fetcher, ProjectSource(self._client), self.schemas, listener=self.pool,
+            gate=self.predictor.gate,
         )
         self.started_at = time.time()
         # load the newest checkpoint of every project in the background, so that a restart is

@@ -296,7 +296,9 @@ def _train(manifest: TrainingManifest, device: torch.device, distributed: Distri
     world_size = distributed.world_size if distributed is not None else 1
     total = config.total_steps(sum(bool((labels != IGNORE_INDEX).any()) for _, labels in samples))
     if progress_log is not None:
-        progress_log.emit("started", total=total, processes=world_size, device=str(device), images=len(samples))
+        progress_log.emit(
+            "started", total=total, processes=world_size, device=str(device), images=len(samples), nice=os.nice(0)
+        )
     started = time.monotonic()
 
     def progress(step: int, total: int, loss: float) -> None:

@@ -42,6 +42,7 @@ from model.regions import RegionProjector, warm_up_umap
 from model.training import TrainConfig, auto_steps
 
 from .config import Settings
+from .gate import RequestGate
 from .convert import annotation_to_labels
 from .images import ImageFetcher, ImageFetchError
 from .jobs import wait_for_job
@@ -77,6 +78,7 @@ class TrainingState:
     annotations_since_training: int = 0
     processes: int = 0  # training processes of the current / last run (DDP ranks)
     pid: int | None = None  # while training: the training process (torchrun with several)
+    nice: int | None = None  # the training process's nice value (SEGAL_JOB_NICE: requests first)
 
     def snapshot(self) -> dict:
         return asdict(self)
@@ -128,6 +130,7 @@ class Trainer:
         source: ProjectSource,
         schemas: dict[str, LabelSchema],
         listener: TrainingListener | None = None,
+        gate: RequestGate | None = None,
     ):
         self.settings = settings
         self.store = store
@@ -135,6 +138,8 @@ class Trainer:
         self.source = source
         self.schemas = schemas  # label configs seen in /setup and /predict, by project
         self.listener = listener or TrainingListener()
+        # /predict's gate: a training on this machine's CPU pauses while requests compute
+        self.gate = gate
         self._projects: dict[str, _Project] = {}
         self._lock = threading.Lock()
         self.lock_poll_seconds = LOCK_POLL_SECONDS
@@ -332,6 +337,7 @@ class Trainer:
                 if record.get("event") == "started":
                     state.total_steps = record.get("total", config.steps)
                     state.processes = record.get("processes", procs)
+                    state.nice = record.get("nice")
                 if record.get("event") != "step":
                     return
                 step, total, loss = record["step"], record["total"], record["loss"]
@@ -351,6 +357,7 @@ class Trainer:
             samples=samples, device=str(self.store.device),
             init_checkpoint=self.store.project_dir(project) / f"model-v{served.version}.pt" if warm_start else None,
             procs=procs, command_template=settings.train_command, on_record=follow, on_start=started,
+            nice=settings.job_nice, gate=self.gate if self.store.device.type == "cpu" and not settings.train_command else None,
         ))  # fmt: skip
         with self._lock:
             state.pid = None

@@ -209,3 +209,22 @@ def _scoring_processes(models) -> list[int]:
         if "backend.score_job" in command and str(models) in command and state != "Z":
             found.append(int(proc.name))
     return found
+
+
+def test_pool_job_waits_while_a_request_computes(label_studio, project, tmp_path):
+    """Requests first (backend/gate.py): while a /predict holds the gate the job scores
+    nothing; it goes on when the request ends, and counts the pause."""
+    project_id, task_ids = project
+    client = label_studio.client()
+    backend = backend_for(label_studio, tmp_path / "models")
+    backend.schemas[str(project_id)] = backend.schema_for(str(project_id), CONFIG)
+    with backend.predictor.gate.request():
+        backend.pool.start(str(project_id), "test")
+        time.sleep(3.0)
+        state = backend.pool.states()[str(project_id)]
+        assert state["status"] == "running" and state["done"] == 0, state
+        assert all(own_predictions(client, t) == [] for t in task_ids)
+    backend.pool.wait(str(project_id), timeout=60)
+    state = backend.pool.states()[str(project_id)]
+    assert state["status"] == "done" and state["done"] == 4, state
+    assert state["request_wait_seconds"] > 0.5

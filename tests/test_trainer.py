@@ -8,6 +8,8 @@ a real Label Studio in tests/test_e2e_label_studio.py.
 from __future__ import annotations
 
 import dataclasses
+import os
+
 import numpy as np
 import torch
 
@@ -72,6 +74,7 @@ def test_requests_during_a_run_become_one_follow_up(tmp_path, image_server, camv
     assert state["status"] == "succeeded", state["error"]
     assert state["runs"] == 2 and state["version"] == 2 and not state["follow_up_queued"]
     assert state["labeled_pixels"] == 20 and state["step"] == state["total_steps"] == 2
+    assert state["nice"] == min(19, os.nice(0) + 19)  # SEGAL_JOB_NICE's default reached the process
     assert backend.store.current("4").name == "segal-v2"
     files = sorted(p.name for p in (tmp_path / "models" / "4").iterdir())
     assert [name for name in files if name.endswith(".pt")] == ["model-v1.pt", "model-v2.pt"]
