@@ -1,10 +1,11 @@
 """Requests first: the server's background work gives way while a request computes.
 
 On a CPU the server's requests and its background work share the cores and the memory
-system. Measured on 2 cores (README, "Requests first"), a /predict took 1.7x its time alone
-beside a training process, at nice 0, at nice 19 and under SCHED_IDLE alike (what slows it
-is not the share of CPU time), and 1.7x beside the pool job's thread. So the background
-work stops while a request computes:
+system. Measured on 2 cores (``./run.sh bench-busy``, README "Requests first"), a /predict
+took 1.7x its time alone beside a training process at nice 0, about as long at nice 19 (and
+in a probe under SCHED_IDLE: what slows it is not its share of CPU time), and 2.0x beside
+the pool job's thread. So the background work stops while a request computes (1.2x and 1.4x
+then):
 
 - ``/predict`` holds ``RequestGate.request()`` while it works;
 - the pool job and the score-scale fit, threads of the server, call

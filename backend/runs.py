@@ -207,6 +207,7 @@ def _stop(pids: list[int]) -> None:
         for pid in pids:
             try:
                 os.kill(pid, sig)
+                os.kill(pid, signal.SIGCONT)  # a job paused for a request (backend.gate) acts on SIGTERM only when continued
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + STOP_GRACE_SECONDS

@@ -279,6 +279,7 @@ def test_stale_scoring_folders_are_cleaned_only_when_their_backend_is_gone(tmp_p
     (gone / "rank-0.pid").write_text(str(orphan.pid))
     # until it has exec'ed, its command line is still pytest's: the clean-up would not know it
     _wait_for(lambda: str(gone) in Path(f"/proc/{orphan.pid}/cmdline").read_bytes().decode(), 10, "the exec")
+    os.kill(orphan.pid, signal.SIGSTOP)  # paused for a request when its backend died (backend.gate)
     elsewhere = new_run_folder(tmp_path, "scoring")
     (elsewhere / OWNER_NAME).write_text(json.dumps({"host": "another-host", "pid": dead_pid}))
     try:
