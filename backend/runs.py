@@ -207,7 +207,8 @@ def _stop(pids: list[int]) -> None:
         for pid in pids:
             try:
                 os.kill(pid, sig)
-                os.kill(pid, signal.SIGCONT)  # a job paused for a request (backend.gate) acts on SIGTERM only when continued
+                # a job paused for a request (backend.gate) acts on SIGTERM only once continued
+                os.kill(pid, signal.SIGCONT)
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + STOP_GRACE_SECONDS

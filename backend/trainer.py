@@ -352,12 +352,14 @@ class Trainer:
                 state.pid, state.processes = process.pid, procs
 
         self._phase(state, "training")
+        # on the server's own CPU the run pauses while requests compute (backend.gate)
+        local_cpu = self.store.device.type == "cpu" and not settings.train_command
         result = TrainedRun(*run_training(
             self.store.project_dir(project), classes=schema.classes, model_config=model_config, train_config=config,
             samples=samples, device=str(self.store.device),
             init_checkpoint=self.store.project_dir(project) / f"model-v{served.version}.pt" if warm_start else None,
             procs=procs, command_template=settings.train_command, on_record=follow, on_start=started,
-            nice=settings.job_nice, gate=self.gate if self.store.device.type == "cpu" and not settings.train_command else None,
+            nice=settings.job_nice, gate=self.gate if local_cpu else None,
         ))  # fmt: skip
         with self._lock:
             state.pid = None

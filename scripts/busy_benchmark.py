@@ -77,7 +77,8 @@ class Requests:
         return times
 
 
-def beside_training(backend: ActiveLearningBackend, requests: Requests, count: int, nice: int, pause: bool) -> list[float]:
+def beside_training(backend: ActiveLearningBackend, requests: Requests, count: int, nice: int,
+                    pause: bool) -> list[float]:  # fmt: skip
     """The requests while a training process runs at `nice` (stopped after them); `pause`: it is
     paused while they compute (``backend.gate``, what the backend does on a CPU)."""
     settings = backend.settings

@@ -160,7 +160,8 @@ def test_a_job_registered_during_a_request_starts_stopped_and_is_never_left_stop
 def test_a_training_run_on_the_cpu_waits_for_the_requests(tmp_path, image_server, camvid_dir):
     """Through the backend's trainer: while a request holds the gate, the training process is
     stopped and makes no step; when it ends, the run goes on and publishes its version."""
-    tasks = [{"id": 1, "data": {"image": f"{image_server}/train/{IMAGES[0]}"}, "annotations": [clicks(camvid_dir, IMAGES[0], 20, 1)]}]
+    annotation = clicks(camvid_dir, IMAGES[0], 20, 1)
+    tasks = [{"id": 1, "data": {"image": f"{image_server}/train/{IMAGES[0]}"}, "annotations": [annotation]}]
     backend = backend_with(tmp_path, tasks)
     with backend.predictor.gate.request():
         backend.fit("START_TRAINING", {"project": {"id": 6}})
