@@ -2,10 +2,10 @@
 
 On a CPU the server's requests and its background work share the cores and the memory
 system. Measured on 2 cores (``./run.sh bench-busy``, README "Requests first"), a /predict
-took 1.7x its time alone beside a training process at nice 0, about as long at nice 19 (and
-in a probe under SCHED_IDLE: what slows it is not its share of CPU time), and 2.0x beside
-the pool job's thread. So the background work stops while a request computes (1.2x and 1.4x
-then):
+took 1.65-1.74x its time alone beside a training process at nice 0, as long at nice 19
+(and 2.3x in a probe under SCHED_IDLE: what slows it is not only its share of CPU time), and
+1.6-2.0x beside the pool job's thread. So the background work stops while a request
+computes (1.2x and 1.3-1.4x then):
 
 - ``/predict`` holds ``RequestGate.request()`` while it works;
 - the pool job and the score-scale fit, threads of the server, call
