@@ -57,7 +57,7 @@ def test_a_cancelled_job_stops_waiting():
 def test_a_predict_holds_the_gate_while_it_works(tmp_path):
     """The image arrives a byte at a time: the request is under way for seconds, and the gate
     says so until it answers."""
-    image = png_bytes(36, 48, seed=1)
+    image = png_bytes(12, 16, seed=1)  # about 700 bytes: a second and a half
     with RecordingServer({"/slow.png": image}, trickle_delay=0.002) as server:
         backend = ActiveLearningBackend(make_settings(tmp_path))
         client = create_app(backend.settings, backend).test_client()
