@@ -230,24 +230,13 @@ class TrainingProcess:
             os.killpg(self.process.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-        for pid in self._rank_pids():  # torchrun's ranks run in sessions of their own
+        from .runs import recorded_processes  # stdlib only, like this module
+
+        for pid in recorded_processes(self.folder):  # torchrun's ranks run in sessions of their own
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-
-    def _rank_pids(self) -> list[int]:
-        """The ranks' pids from their ``rank-<r>.pid`` files, those still running this job."""
-        pids = []
-        for path in self.folder.glob("rank-*.pid"):
-            try:
-                pid = int(path.read_text().strip())
-                command = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except (OSError, ValueError):
-                continue
-            if pid > 1 and str(self.manifest).encode() in command:  # not a pid reused since
-                pids.append(pid)
-        return pids
 
     def log_tail(self, lines: int = 40) -> list[str]:
         try:

@@ -134,7 +134,7 @@ def clean_stale_runs(project_dir: Path) -> int:
 
 def _remove_stale(folder: Path) -> None:
     """Stop the processes a dead backend's job folder records, then remove the folder."""
-    pids = _recorded_trainers(folder)
+    pids = recorded_processes(folder)
     if pids:
         log.warning("%s: stopping the processes %s left by a backend that died", folder, pids)
         _stop(pids)
@@ -176,8 +176,9 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _recorded_trainers(folder: Path) -> list[int]:
-    """Pids named in the folder's pid files that are still this run's processes on this host."""
+def recorded_processes(folder: Path) -> list[int]:
+    """Pids named in the folder's pid files (the launcher's, each rank's) that are still this
+    run's processes on this host."""
     pids = []
     for path in folder.glob("*.pid"):
         try:
