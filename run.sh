@@ -10,6 +10,7 @@
 #   ./run.sh bench-predict  /predict of one task with a trained model vs one plain forward
 #   ./run.sh bench-ddp    training step time in 1 and 2 processes (DDP, Gloo) on CPU
 #   ./run.sh bench-busy   /predict alone, beside a training process, beside a pool job
+#   ./run.sh bench-ranking  task values: the same order under another MC draw? following the errors?
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -52,6 +53,7 @@ case "$command" in
     bench-predict) setup test; exec "$VENV/bin/python" scripts/predict_benchmark.py "$@" ;;
     bench-ddp) setup ""; exec "$VENV/bin/python" scripts/ddp_benchmark.py "$@" ;;
     bench-busy) setup test; scripts/setup-test-services.sh; exec "$VENV/bin/python" scripts/busy_benchmark.py "$@" ;;
+    bench-ranking) setup test; exec "$VENV/bin/python" scripts/ranking_benchmark.py "$@" ;;
     demo) setup ""; exec "$VENV/bin/segal-demo" "$@" ;;
-    *) echo "usage: ./run.sh [start|test|setup|bench|bench-pool|bench-train|bench-predict|bench-ddp|bench-busy|demo] [args...]" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh [start|test|setup|bench|bench-pool|bench-train|bench-predict|bench-ddp|bench-busy|bench-ranking|demo] [args...]" >&2; exit 2 ;;
 esac

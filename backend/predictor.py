@@ -20,11 +20,11 @@ regions are random and carry the control's first label: there is no prediction t
 
 Scores follow Label Studio's active-learning convention: the **lowest** task score is the
 task to label first (uncertainty sampling, "Order by: Prediction score" ascending).
-- A task's raw value is the median acquisition value of its 5 best unlabeled pixels
-  (``model.calibration.image_value``); its ``score`` is 1 - G(value), G the version's
+- A task's raw value is the mean uncertainty of its unlabeled pixels (for BalEnt, BalEnt
+  itself; ``model.calibration.image_value``); its ``score`` is 1 - G(value), G the version's
   ``ScoreScale`` (the CDF of that value over a sample of the project's pool, fitted after
-  training), so scores lie in (0, 1), are comparable across the version's tasks, and one
-  extreme pixel cannot decide a rank. Before the first training the value is a random draw.
+  training), so scores lie in (0, 1), are comparable across the version's tasks, and another
+  draw of the MC masks keeps the order. Before the first training the value is a random draw.
 - A point's or region's ``score`` is the model's confidence in the label it proposes (MC
   mean probability; for a region its mean over the region's pixels), 1 / labels before
   training: what a person reads as "the model is 43% sure this is Road".

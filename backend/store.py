@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model.calibration import ScoreScale
+from model.calibration import ScoreScale, StaleScoreScale
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.contrastive import MemoryBank
 from model.folding import fold_batch_norms
@@ -80,6 +80,9 @@ class ServedModel:
         if self.score_scale is None and isinstance(self.extra.get("score_scale"), dict):
             try:
                 self.score_scale = ScoreScale.from_dict(self.extra["score_scale"])
+            except StaleScoreScale as error:  # saved by an older backend: the next training fits a new one
+                log.warning("model v%d: score scale not used, %s; task scores use a fixed map until the next "
+                            "training run", self.version, error)  # fmt: skip
             except ValueError as error:
                 log.error("model v%d: unreadable score scale (%s); task scores use a fixed map", self.version, error)
 

@@ -12,6 +12,9 @@ Public contract:
 - ``score_moments(name, moments)``: the streaming path; given the moments of the same
   samples it returns the same scores (``score`` is a thin wrapper around it).
 - ``select_pixels(scores, n, exclude)``: the top-n pixels outside ``exclude``.
+- ``Acquisition.uncertainty(scores)``: the per-pixel uncertainty behind a heuristic's scores
+  (BalEnt behind BalEntAcq, -margin behind pMargin), whose mean over an image is the image's
+  value (``model.calibration.image_value``).
 
 Non-finite scores become ``LOWEST_SCORE``: a degenerate pixel is ranked last, never first.
 """
@@ -52,6 +55,12 @@ class Acquisition:
     def __call__(self, moments: MCMoments, context: AcquisitionContext) -> torch.Tensor:
         raise NotImplementedError
 
+    def uncertainty(self, scores: torch.Tensor) -> torch.Tensor:
+        """The pixel uncertainty ``[*spatial]`` behind this heuristic's `scores`, on a scale whose
+        mean over an image means something (NaN where a score is not a real pixel's): the
+        scores themselves, unless a heuristic reorders its uncertainty for picking pixels."""
+        return torch.where(scores > LOWEST_SCORE, scores, torch.nan)
+
 
 _REGISTRY: dict[str, Callable[[], Acquisition]] = {}
 
@@ -89,6 +98,13 @@ class BalEntAcq(Acquisition):
 
     def __call__(self, moments, context):
         return balent_from_moments(moments.mean, moments.second, moments.num_samples)
+
+    def uncertainty(self, scores):
+        """BalEnt itself, eq. 4 inverted (exact but for BalEnt in [0, BALENT_FLOOR), which
+        comes back as BALENT_FLOOR): eq. 4 puts BalEnt just above 0 first, which is right for
+        choosing pixels and meaningless as an average."""
+        balent = torch.where(scores > 0.0, scores.reciprocal(), scores)
+        return torch.where(scores > LOWEST_SCORE, balent, torch.nan)
 
 
 @register
@@ -159,6 +175,10 @@ class PoolMargin(Acquisition):
         in_pool[candidate_index[order]] = True
         in_pool = in_pool.reshape(shape).to(margin.device)
         return torch.where(in_pool, 2.0 - margin, -margin)
+
+    def uncertainty(self, scores):
+        """-margin at every pixel: the pool's random draw (its scores in [1, 2]) taken back out."""
+        return super().uncertainty(torch.where(scores >= 1.0, scores - 2.0, scores))
 
 
 @register

@@ -1,12 +1,13 @@
 """From acquisition values to task scores in [0, 1] that compare across the tasks of a pool.
 
-Acquisition values share no scale: BalEntAcq is 1 / BalEnt for BalEnt >= 0 (values up to
-~1e6 beside negative ones), entropy lies in [0, log C], pMargin in [-1, 2]. Only their order
-means something. So a task is summarised by one robust value (``image_value``) and that value
-is mapped through ``ScoreScale``, a monotone map fitted on a reference sample of such values
-(drawn by one model version from its project's pool): the sample's empirical CDF, with
-rational tails beyond the sample's range so that the map is strictly increasing
-everywhere and a value outside the sample still ranks above (or below) every value in it.
+A task is summarised by one value, the mean uncertainty of its unlabeled pixels
+(``image_value``). Such values share no scale across acquisitions (a mean BalEnt of -3 beside
+one of 0.2, entropy in [0, log C], -margin in [-1, 0]) and spread differently from one model
+version to the next; only their order means something. So the value is mapped through
+``ScoreScale``, a monotone map fitted on a reference sample of such values (drawn by one
+model version from its project's pool): the sample's empirical CDF, with rational tails
+beyond the sample's range so that the map is strictly increasing everywhere and a value
+outside the sample still ranks above (or below) every value in it.
 
 A scale is fitted once per model version and kept with it, so every task that version scores
 (in a pool job or in a single /predict) is placed on the same scale.
@@ -20,31 +21,38 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .acquisition import select_pixels
+from .acquisition import get_acquisition
 
-TOP_PIXELS = 5  # image_value: the median of this many best pixels (paper 000's n = 5 per image)
 MAX_REFERENCE_VALUES = 512  # a fitted scale keeps at most this many sample values
+# what a scale's values are (``image_value``); a scale saved for another definition is not used
+TASK_VALUE = "mean pixel uncertainty"
+_OLD_TASK_VALUE = "median of the 5 best pixel scores"  # scales saved before 2026-12-07 do not say
 
 
-def image_value(
-    pixel_scores: torch.Tensor,
-    exclude: torch.Tensor | None = None,
-    top: int = TOP_PIXELS,
-    best: torch.Tensor | None = None,
-) -> float:
-    """One image's informativeness: the median acquisition value of its `top` best pixels.
+class StaleScoreScale(ValueError):
+    """A saved scale was fitted on another definition of a task's value."""
 
-    pixel_scores: ``[H, W]`` (higher = ask first); exclude: ``[H, W]`` bool, pixels already
-    labeled. The median, not the maximum or the mean: one extreme pixel (BalEntAcq's 1 / BalEnt
-    near BalEnt = 0) cannot decide an image's rank, and it is the set the image would be asked
-    for that counts. NaN when no pixel is left. `best`: ``select_pixels(pixel_scores, top,
-    exclude)`` when the caller has it already.
+
+def image_value(pixel_scores: torch.Tensor, exclude: torch.Tensor | None = None, acquisition: str = "balent") -> float:
+    """One image's informativeness: the mean pixel uncertainty of its unlabeled pixels.
+
+    pixel_scores: ``[H, W]`` scores of acquisition `acquisition` (higher = ask first); exclude:
+    ``[H, W]`` bool, pixels already labeled. The image's uncertainty is the mean of its pixels'
+    (survey 002: Suggestive Annotation ranks images so), with the pixel uncertainty behind the
+    scores (``Acquisition.uncertainty``: BalEnt, not BalEntAcq's 1 / BalEnt). It summarises the
+    whole image, so another draw of the MC masks leaves the order of a project's tasks as it
+    is; the median of the 5 best BalEntAcq pixels, the value before, was reordered by any
+    draw (rank correlation 0.05 between two draws over 48 CamVid frames, README). NaN when
+    every pixel is labeled or degenerate.
     """
-    coords = select_pixels(pixel_scores, top, exclude) if best is None else best
-    if len(coords) == 0:
-        return math.nan
-    values = pixel_scores[coords[:, 0], coords[:, 1]].double().cpu().numpy()
-    return float(np.median(values))
+    # [H, W], NaN where a pixel is degenerate
+    uncertainty = get_acquisition(acquisition).uncertainty(pixel_scores.to(torch.float64))
+    counted = ~uncertainty.isnan()
+    if exclude is not None:
+        counted &= ~exclude.to(counted.device)
+    count = int(counted.sum())
+    # a sum over a mask: indexing the counted pixels out first cost 3x as much at 480x360
+    return float(torch.where(counted, uncertainty, 0.0).sum()) / count if count else math.nan
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,7 @@ class ScoreScale:
 
     def to_dict(self) -> dict:
         return {
+            "task_value": TASK_VALUE,
             "values": list(self.values),
             "quantiles": list(self.quantiles),
             "low_width": self.low_width,
@@ -105,6 +114,11 @@ class ScoreScale:
 
     @classmethod
     def from_dict(cls, data: dict) -> ScoreScale:
+        """The scale `to_dict` saved; StaleScoreScale when it was fitted on other task values
+        (before 2026-12-07 a task's value was the median of its 5 best BalEntAcq pixels)."""
+        definition = data.get("task_value", _OLD_TASK_VALUE) if isinstance(data, dict) else TASK_VALUE
+        if definition != TASK_VALUE:
+            raise StaleScoreScale(f"it was fitted on another task value ({str(definition)[:80]!r}, now {TASK_VALUE!r})")
         try:
             scale = cls(
                 tuple(float(v) for v in data["values"]),

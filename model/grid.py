@@ -22,13 +22,13 @@ prediction. A node whose pixel is labeled is not asked again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .acquisition import DEFAULT_BUDGET, score_moments, select_pixels
 from .balent import balent_from_coarse_moments
-from .calibration import TOP_PIXELS, image_value
+from .calibration import image_value
 from .moments import MCMoments
 from .network import bilinear_taps, upsample_to_image
 
@@ -59,28 +59,21 @@ class GridScores:
     # [C, h', w'] float64, the MC mean at each node (the label to propose there); or a function
     # (node row, node column) -> [C] when the mean exists only at the decoder's resolution
     mean: torch.Tensor | Callable[[int, int], torch.Tensor]
-    # select_pixels' answer per n: the keypoints and the task's value both ask for the 5 best
-    _best: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    acquisition: str = "balent"  # whose scores these are (the task's value reads its uncertainty)
 
     def mean_at(self, row: int, col: int) -> torch.Tensor:
         """The MC mean ``[C]`` at node (row, col)."""
         return self.mean(row, col) if callable(self.mean) else self.mean[:, row, col]
 
-    def best_nodes(self, n: int) -> torch.Tensor:
-        """``select_pixels`` of the scores: the n best nodes outside `exclude` ``[k, 2]``, best first."""
-        if n not in self._best:
-            self._best[n] = select_pixels(self.scores, n, self.exclude)
-        return self._best[n]
-
     def select(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The n best nodes outside `exclude`, best first: (nodes [k, 2], image pixels [k, 2])."""
-        nodes = self.best_nodes(n)
+        nodes = select_pixels(self.scores, n, self.exclude)  # [k, 2]
         pixels = torch.stack([self.rows[nodes[:, 0]], self.cols[nodes[:, 1]]], dim=1)
         return nodes, pixels
 
-    def value(self, top: int = TOP_PIXELS) -> float:
-        """``image_value`` on the nodes: the median score of the `top` best open ones."""
-        return image_value(self.scores, self.exclude, top, best=self.best_nodes(top))
+    def value(self) -> float:
+        """``image_value`` on the nodes: the mean uncertainty of the open ones."""
+        return image_value(self.scores, self.exclude, self.acquisition)
 
 
 def grid_scores(
@@ -107,7 +100,7 @@ def grid_scores(
             raise ValueError(f"exclude has shape {tuple(exclude.shape)}, the image {tuple(size)}.")
         node_exclude = exclude.cpu()[rows][:, cols]
     scores = score_moments(name, inside, budget=budget, candidates=~node_exclude, generator=generator)
-    return GridScores(scores.cpu(), node_exclude, rows, cols, inside.mean)
+    return GridScores(scores.cpu(), node_exclude, rows, cols, inside.mean, name)
 
 
 def pixel_scores(
@@ -124,7 +117,7 @@ def pixel_scores(
     exclude = torch.zeros(height, width, dtype=torch.bool) if exclude is None else exclude.cpu()
     candidates = ~exclude
     scores = score_moments(name, moments, budget=budget, candidates=candidates, generator=generator)
-    return GridScores(scores.cpu(), exclude, torch.arange(height), torch.arange(width), moments.mean)
+    return GridScores(scores.cpu(), exclude, torch.arange(height), torch.arange(width), moments.mean, name)
 
 
 def upsampled_pixel_scores(
@@ -162,4 +155,4 @@ def upsampled_pixel_scores(
         lower = torch.lerp(mean[:, bottom, left], mean[:, bottom, right], across)
         return torch.lerp(upper, lower, down)
 
-    return GridScores(scores, exclude, torch.arange(height), torch.arange(width), mean_at)
+    return GridScores(scores, exclude, torch.arange(height), torch.arange(width), mean_at, name)

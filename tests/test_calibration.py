@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.calibration import MAX_REFERENCE_VALUES, ScoreScale, image_value, squash
+from model.acquisition import score_moments
+from model.balent import LOWEST_SCORE, balent_from_moments
+from model.calibration import MAX_REFERENCE_VALUES, TASK_VALUE, ScoreScale, StaleScoreScale, image_value, squash
+from model.moments import moments_from_samples
 
 
 def balent_like_values(count: int, seed: int = 0) -> np.ndarray:
@@ -52,25 +55,57 @@ def test_scale_handles_ties_degenerate_and_bad_input():
     with pytest.raises(ValueError, match="finite"):
         ScoreScale.fit([math.nan, math.inf])
     with pytest.raises(ValueError, match="ScoreScale"):
-        ScoreScale.from_dict({"values": [1.0]})
+        ScoreScale.from_dict({"task_value": TASK_VALUE, "values": [1.0]})
     large = ScoreScale.fit(np.arange(10_000, dtype=float))
     assert len(large.values) <= MAX_REFERENCE_VALUES and large.samples == MAX_REFERENCE_VALUES
     assert large(5000.0) == pytest.approx(0.5, abs=0.01)
 
 
-def test_image_value_is_the_median_of_the_best_unlabeled_pixels_and_ignores_one_outlier():
+def test_image_value_is_the_mean_balent_of_the_unlabeled_pixels():
+    """BalEntAcq (eq. 4) ranks BalEnt just above 0 first; the image's value averages BalEnt
+    itself, read back from the scores, over the pixels not yet labeled."""
     generator = torch.Generator().manual_seed(0)
-    scores = torch.rand(40, 50, generator=generator, dtype=torch.float64)
-    best = torch.sort(scores.reshape(-1), descending=True).values[:5]
-    assert image_value(scores, None) == pytest.approx(float(best.median()))
-    # one extreme pixel moves the value only to the next order statistic
-    spiked = scores.clone()
-    spiked[3, 4] = 1e9
-    assert image_value(spiked, None) == pytest.approx(float(best[1]))
-    # labeled pixels are not counted
-    exclude = spiked == 1e9
-    assert image_value(spiked, exclude) == pytest.approx(float(best.median()))
-    assert math.isnan(image_value(scores, torch.ones(40, 50, dtype=torch.bool)))
+    # real moments of 20 softmax samples over 4 classes, some pixels near-certain
+    logits = torch.randn(20, 4, 30, 40, generator=generator, dtype=torch.float64)
+    logits[:, 0, :10] += 12.0
+    moments = moments_from_samples(logits.softmax(dim=1))
+    acq = balent_from_moments(moments.mean, moments.second, 20)  # [30, 40]
+    balent = balent_from_moments(moments.mean, moments.second, 20, acquisition=False)
+    assert (balent >= 0).any() and (balent < 0).any()  # both branches of eq. 4
+    assert image_value(acq) == pytest.approx(float(balent.mean()), rel=1e-12)
+    labeled = torch.zeros(30, 40, dtype=torch.bool)
+    labeled[:10] = True  # the near-certain rows are labeled: the rest is worth more
+    assert image_value(acq, labeled) == pytest.approx(float(balent[~labeled].mean()), rel=1e-12)
+    assert image_value(acq, labeled) > image_value(acq)
+    # a degenerate pixel (NaN moments score LOWEST_SCORE) is left out, not averaged as -1.8e308
+    broken = acq.clone()
+    broken[20, 5] = LOWEST_SCORE
+    keep = torch.ones(30, 40, dtype=torch.bool)
+    keep[20, 5] = False
+    assert image_value(broken) == pytest.approx(float(balent[keep].mean()), rel=1e-12)
+    assert math.isnan(image_value(acq, torch.ones(30, 40, dtype=torch.bool)))
+
+
+def test_image_value_of_other_acquisitions_is_their_mean_uncertainty():
+    generator = torch.Generator().manual_seed(1)
+    moments = moments_from_samples(torch.rand(10, 5, 20, 30, generator=generator).softmax(dim=1))
+    entropy_scores = score_moments("entropy", moments)
+    assert image_value(entropy_scores, acquisition="entropy") == pytest.approx(float(entropy_scores.mean()))
+    # pMargin's random pool (scores 2 - margin) is taken back out: the value is the mean -margin
+    margin_scores = score_moments("margin", moments, generator=generator)
+    top2 = moments.mean.topk(2, dim=0).values
+    assert (margin_scores >= 1.0).sum() == 50
+    assert image_value(margin_scores, acquisition="margin") == pytest.approx(float(-(top2[0] - top2[1]).mean()))
+
+
+def test_a_scale_fitted_on_other_task_values_is_refused_by_name():
+    saved = ScoreScale.fit([1.0, 2.0, 3.0]).to_dict()
+    assert ScoreScale.from_dict(saved)(2.0) == pytest.approx(0.5)
+    older = {name: value for name, value in saved.items() if name != "task_value"}  # saved before 2026-12-07
+    with pytest.raises(StaleScoreScale, match="median of the 5 best"):
+        ScoreScale.from_dict(older)
+    with pytest.raises(StaleScoreScale, match="another task value"):
+        ScoreScale.from_dict({**saved, "task_value": "something else"})
 
 
 def test_squash_orders_every_magnitude():

@@ -45,7 +45,7 @@ def test_grid_scores_are_the_acquisition_on_the_nodes_inside_the_image(frame_mom
     nodes, pixels = scores.select(5)
     assert torch.equal(nodes, select_pixels(scores.scores, 5))
     assert torch.equal(pixels, torch.stack([4 * nodes[:, 0] + 2, 4 * nodes[:, 1] + 2], dim=1))
-    assert scores.value() == image_value(scores.scores)
+    assert scores.value() == image_value(scores.scores, acquisition=name)
 
 
 def test_a_node_on_a_labeled_pixel_is_not_asked_again(frame_moments):
@@ -61,7 +61,7 @@ def test_a_node_on_a_labeled_pixel_is_not_asked_again(frame_moments):
     assert not set(map(tuple, next_asked.tolist())) & set(map(tuple, asked.tolist()))
     # the next five best nodes, in order
     assert torch.equal(second.select(5)[0], select_pixels(first.scores, 10)[5:])
-    assert second.value() < first.value()  # the best five are gone: the image is worth less now
+    assert second.value() < first.value()  # its most uncertain nodes are answered: less is left to learn
     with pytest.raises(ValueError, match="exclude has shape"):
         grid_scores("balent", coarse, size, padded, exclude=labeled[:-1])
 

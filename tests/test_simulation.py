@@ -447,3 +447,69 @@ def test_head_cells_option_names_the_run_and_guards_old_runs(camvid_dir):
     assert differences({k: v for k, v in plain.to_dict().items() if k != "head_cells"}, plain) == []
     with pytest.raises(ValueError, match="head_cells must be one of"):
         tiny(camvid_dir, head_cells="some")
+
+
+def test_tasks_per_cycle_labels_k_new_images_the_most_informative_first(camvid_dir, tmp_path):
+    """The product's loop: K random images at the cold start, then the K images not labeled yet
+    with the highest task value under the cycle's model, n pixels each; never an image twice."""
+    from model.acquisition import score_moments
+    from model.calibration import image_value
+    from model.checkpoint import load_checkpoint
+    from model.mc_dropout import mc_moments
+    from model.simulation.plots import run_label
+
+    k = 2
+    # dropout 0: the MC moments are deterministic, so the values can be recomputed here
+    pool_size = 9  # 5 images still open when cycle 2 chooses: the choice of 2 is a real one
+    config = tiny(camvid_dir, cycles=2, dropout=0.0, train_images=pool_size, tasks_per_cycle=k, task_order="value")
+    result = run_simulation(config, tmp_path, progress=False, log=lambda _: None)
+    assert result.folder.name == "pixel-balent-tasks2-value-seed0"
+    assert run_label(config.to_dict()) == "pixel balent tasks2 value"
+    state = load_state(result.folder)
+    per_cycle = [[i for i, at in enumerate(state.revealed_at) if (at == cycle).any()] for cycle in (1, 2, 3)]
+    assert [len(images) for images in per_cycle] == [k, k, k]
+    assert len(set(sum(per_cycle, []))) == 3 * k  # each image labeled once
+    for revealed_at in state.revealed_at:
+        assert int((revealed_at > 0).sum()) in (0, N)
+    assert [row["labeled_pixels"] for row in result.rows] == [N * k, 2 * N * k]
+    # cycle 2's model (saved last) chose cycle 3's images: the best values among the open ones
+    model, _ = load_checkpoint(result.folder / "model.pt")
+    images, truth, _ = load_split(config, "train", pool_size)
+    open_images = [i for i in range(pool_size) if i not in per_cycle[0] + per_cycle[1]]
+    assert len(open_images) == 5
+    values = {}
+    for index in open_images:
+        moments = mc_moments(model, images[index], config.mc_samples)[0]
+        scores = score_moments("balent", moments)
+        values[index] = image_value(scores, torch.from_numpy(truth[index].numpy() == IGNORE_INDEX))
+    assert len(set(values.values())) == len(values)  # no ties
+    assert sorted(per_cycle[2]) == sorted(sorted(open_images, key=lambda i: -values[i])[:k])
+
+    random_order = tiny(camvid_dir, cycles=1, tasks_per_cycle=k, task_order="random")
+    assert random_order.run_name == "pixel-balent-tasks2-random-seed0"
+    with pytest.raises(ValueError, match="--mode pixel"):
+        tiny(camvid_dir, mode="region", tasks_per_cycle=k)
+    with pytest.raises(ValueError, match="tasks_per_cycle must be >= 1"):
+        tiny(camvid_dir, tasks_per_cycle=0)
+    with pytest.raises(ValueError, match="task_order must be one of"):
+        tiny(camvid_dir, tasks_per_cycle=k, task_order="best")
+
+
+def test_task_orders_value_an_image_as_documented():
+    from model.acquisition import score_moments
+    from model.calibration import image_value
+    from model.moments import entropy, moments_from_samples
+    from model.simulation.queries import task_value
+
+    generator = torch.Generator().manual_seed(0)
+    moments = moments_from_samples(torch.randn(8, 4, 20, 30, generator=generator).mul(3).softmax(dim=1))
+    scores = score_moments("balent", moments)  # [20, 30] BalEntAcq
+    exclude = torch.zeros(20, 30, dtype=torch.bool)
+    exclude[0, :10] = True
+    assert task_value("value", "balent", moments, scores, exclude) == image_value(scores, exclude, "balent")
+    open_scores = scores[~exclude].sort(descending=True).values
+    assert task_value("best-pixels", "balent", moments, scores, exclude) == float(open_scores[2])  # median of 5
+    expected = float(entropy(moments.mean, dim=0)[~exclude].mean())
+    assert task_value("mean-entropy", "balent", moments, scores, exclude) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="no value"):
+        task_value("random", "balent", moments, scores, exclude)

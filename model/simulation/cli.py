@@ -24,7 +24,7 @@ from ..acquisition import names as acquisition_names
 from ..grid import GRIDS
 from ..process import prepare_process
 from .config import (
-    HEAD_CELLS, MODES, PROFILES, SELECTIONS, SUPERVISED, TRAININGS, SimulationConfig, profile_config,
+    HEAD_CELLS, MODES, PROFILES, SELECTIONS, SUPERVISED, TASK_ORDERS, TRAININGS, SimulationConfig, profile_config,
 )
 from .loop import ConfigMismatch, run_simulation
 from .plots import make_plots
@@ -59,6 +59,8 @@ OVERRIDES = (
     ("--eval-batch-size", "eval_batch_size", int, "images per inference batch"),
     ("--umap-epochs", "umap_epochs", int, "umap-kmeans: UMAP layout epochs of the region projector (0: UMAP's)"),
     ("--mc-precision", "mc_precision", str, "queries: the MC samples' masked product, fp32 or bf16"),
+    ("--tasks-per-cycle", "tasks_per_cycle", int,
+     "pixel mode: label only K images (tasks) per cycle, each once, the first K by --task-order"),
 )
 
 
@@ -110,6 +112,12 @@ def _run_parser() -> argparse.ArgumentParser:
         help="contrastive training: the projection head at the labeled pixels' decoder cells ('labeled', the "
         "default) or on the whole decoder map ('all', as before 2026-12-03)",
     )
+    parser.add_argument(
+        "--task-order",
+        choices=TASK_ORDERS,
+        help="with --tasks-per-cycle: 'value' (the backend's task value, the default), 'best-pixels' (the "
+        "median of the 5 best pixel scores, the backend's before 2026-12-07), 'mean-entropy', 'random'",
+    )
     parser.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
     for flag, field, kind, text in OVERRIDES:
         parser.add_argument(flag, type=kind, help=f"{text} [{_profile_values(field)}]")
@@ -145,7 +153,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         values["crop"] = tuple(args.crop)
     if args.no_augment:
         values["augment"] = False
-    for field in ("warm_start", "semi", "training", "pixel_grid", "head_cells"):
+    for field in ("warm_start", "semi", "training", "pixel_grid", "head_cells", "task_order"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     return values

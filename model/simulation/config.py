@@ -37,6 +37,11 @@ SELECTIONS = ("rank", "umap-kmeans")  # region mode: top-R by summed score, or p
 # None: the selection's own (rank: paper 000's sparse CE; umap-kmeans: paper 004's contrastive training)
 TRAININGS = ("ce", "contrastive")
 HEAD_CELLS = ("labeled", "all")  # contrastive training: where the projection head runs
+# tasks_per_cycle: which images (tasks) are labeled next. "value": the backend's task value
+# (model.calibration.image_value, the acquisition's mean pixel uncertainty); "best-pixels": the
+# median score of the image's 5 best pixels (the backend's value before 2026-12-07);
+# "mean-entropy": the mean entropy of the MC mean, whatever the acquisition; "random".
+TASK_ORDERS = ("value", "best-pixels", "mean-entropy", "random")
 SUPERVISED = "supervised"  # the full-supervision reference: dense labels, one training, no acquisition
 # Region mode ranks superpixels by a pixel score summed over each region (paper 004, eq. 6).
 DEFAULT_ACQUISITION = {"pixel": "balent", "region": "entropy"}
@@ -45,7 +50,7 @@ RESUMABLE_FIELDS = ("cycles", "device", "eval_batch_size")
 # The supervised reference never queries and trains on dense labels: these settings cannot change it.
 QUERY_FIELDS = (
     "mode", "pixels", "regions", "superpixels", "mc_samples", "selection", "semi", "training", "pixel_grid",
-    "umap_epochs", "mc_precision",
+    "umap_epochs", "mc_precision", "tasks_per_cycle", "task_order",
 )
 # Settings of the supervised reference alone: they cannot change an active-learning run.
 SUPERVISED_FIELDS = ("supervised_steps",)
@@ -56,6 +61,7 @@ LEGACY_DEFAULTS = {
     "head_cells": "all",  # runs saved before 2026-12-03 trained the projection head on the whole map
     "umap_epochs": 0,
     "mc_precision": "fp32",
+    "tasks_per_cycle": None, "task_order": "value",
 }
 
 
@@ -113,6 +119,11 @@ class SimulationConfig:
     # queries: the MC samples' masked product, "fp32" or "bf16" (model.mc_dropout.LogitChunk;
     # the backend's SEGAL_MC_PRECISION=auto on a CPU with native bf16)
     mc_precision: str = "fp32"
+    # the product's loop: None labels every pool image each cycle (paper 000); K labels only K
+    # images not labeled yet, the cold start K random ones, then the K first by `task_order`
+    # (an annotator who works down Label Studio's task list); pixel mode, image grid
+    tasks_per_cycle: int | None = None
+    task_order: str = "value"  # TASK_ORDERS
     seed: int = 0
     device: str = "auto"
     eval_batch_size: int = 8
@@ -152,6 +163,14 @@ class SimulationConfig:
             raise ValueError(f"pixel_grid must be one of {GRIDS}, got {self.pixel_grid!r}.")
         if self.pixel_grid != "image" and self.mode != "pixel":
             raise ValueError("pixel_grid applies to pixel queries (--mode pixel); regions sum every pixel's score.")
+        if self.tasks_per_cycle is not None:
+            if self.tasks_per_cycle < 1:
+                raise ValueError(f"tasks_per_cycle must be >= 1 (or None for every image), got {self.tasks_per_cycle}.")
+            if self.mode != "pixel" or self.pixel_grid != "image":
+                raise ValueError("tasks_per_cycle orders tasks by their pixel scores: use it with --mode pixel and "
+                                 "--pixel-grid image.")  # fmt: skip
+        if self.task_order not in TASK_ORDERS:
+            raise ValueError(f"task_order must be one of {TASK_ORDERS}, got {self.task_order!r}.")
         if self.clustered and self.training == "ce":
             raise ValueError(
                 "selection 'umap-kmeans' clusters the teacher's contrastive embeddings: it needs paper 004's "
@@ -217,12 +236,15 @@ class SimulationConfig:
         ``pixel-<acquisition>-decoder-seed<k>`` for queries scored on the decoder's grid; ``-semi``
         before ``-seed`` with semi-supervised training, ``-headall`` before it with the projection
         head trained on the whole map, ``-epochs<N>`` with N UMAP layout epochs, ``-mcbf16`` before
-        ``-seed`` with the MC samples' product in bf16)."""
+        ``-seed`` with the MC samples' product in bf16, ``-tasks<K>-<order>`` before it with K
+        tasks per cycle)."""
         if self.supervised:
             return f"{SUPERVISED}-seed{self.seed}"
         head = "-headall" if self.contrastive and self.head_cells == "all" else ""
         semi = "-semi" if self.semi_supervised else ""
         before_seed = semi + ("-mcbf16" if self.mc_precision == "bf16" else "")
+        if self.tasks_per_cycle is not None:
+            before_seed += f"-tasks{self.tasks_per_cycle}-{self.task_order}"
         if self.clustered:
             epochs = f"-epochs{self.umap_epochs}" if self.umap_epochs else ""
             return f"{self.mode}-{self.acquisition}-{self.selection}{head}{epochs}{before_seed}-seed{self.seed}"

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..acquisition import needs_mean_entropy
+from ..acquisition import needs_mean_entropy, score_moments, select_pixels
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import CAMVID_CLASSES, IGNORE_INDEX
 from ..contrastive import MemoryBank
@@ -68,7 +68,9 @@ from ..training import TrainConfig, train
 from .config import SimulationConfig, differences
 from .metrics import class_iou, diversity, mean_iou
 from .pool import LabelPool
-from .queries import cold_start, query_clustered_regions, query_grid_pixels, query_pixels, query_regions
+from .queries import (
+    cold_start, query_clustered_regions, query_grid_pixels, query_pixels, query_regions, task_value,
+)
 from .report import write_metrics
 from .splits import evaluate, load_split, same_shape_batches
 from .state import RunState, load_state, save_state
@@ -162,6 +164,8 @@ def _train_cycle(
         (pool.images[i], pool.dense_labels(i) if config.supervised else pool.sparse_labels(i, cycle))
         for i in range(len(pool))
     ]
+    if config.tasks_per_cycle is not None and not config.supervised:  # the labeled tasks, as the backend trains on
+        samples = [(image, labels) for image, labels in samples if bool((labels != IGNORE_INDEX).any())]
     crop = config.crop or (max(im.shape[-2] for im in pool.images), max(im.shape[-1] for im in pool.images))
     steps = config.supervised_steps if config.supervised and config.supervised_steps is not None else config.steps
     train_config = TrainConfig(
@@ -225,6 +229,8 @@ def _query(
     with _torch_threads_kept():
         if projector is not None:
             _query_clustered(model, pool, config, cycle, progress, projector)
+        elif config.tasks_per_cycle is not None:
+            _query_tasks(model, pool, config, cycle, progress)
         else:
             _query_all(model, pool, config, cycle, progress)
 
@@ -317,6 +323,42 @@ def _query_all(model, pool: LabelPool, config: SimulationConfig, cycle: int, pro
                 pool.reveal_regions(index, regions, cycle + 1)
 
 
+def _query_tasks(model, pool: LabelPool, config: SimulationConfig, cycle: int, progress: bool) -> None:
+    """The product's loop: the acquisition's n pixels in each of the ``tasks_per_cycle`` images
+    not labeled yet that come first by ``task_order`` (ties: the lower index)."""
+    device = next(model.parameters()).device
+    mc_generator = torch.Generator().manual_seed(derive_seed(config.seed, cycle, MC))
+    query_generator = torch.Generator().manual_seed(derive_seed(config.seed, cycle, QUERY))
+    open_tasks = [index for index in range(len(pool)) if not pool.revealed_at[index].any()]
+    if config.task_order == "random":  # no model needed to choose; only the chosen are scored
+        draw = torch.randperm(len(open_tasks), generator=query_generator)[: config.tasks_per_cycle]
+        open_tasks = sorted(open_tasks[i] for i in draw.tolist())
+    with_mean_entropy = needs_mean_entropy(config.acquisition)
+    queried: list[tuple[float, int, np.ndarray]] = []  # (value, image, pixels [k, 2])
+    batches = list(same_shape_batches([pool.images[i] for i in open_tasks], config.eval_batch_size))
+    for batch in tqdm(batches, desc=f"query tasks ({config.task_order})", leave=False, disable=not progress):
+        indices = [open_tasks[i] for i in batch]
+        stacked = torch.stack([pool.images[i] for i in indices]).to(device)  # [B, 3, H, W]
+        batch_moments = mc_moments(
+            model, stacked, config.mc_samples, generator=mc_generator, mean_entropy=with_mean_entropy,
+            logit_precision=config.mc_precision,
+        )  # fmt: skip
+        for index, moments in zip(indices, batch_moments):
+            exclude = torch.from_numpy(pool.exclude(index)).to(moments.mean.device)  # [H, W]
+            scores = score_moments(
+                config.acquisition, moments, budget=config.pixels, candidates=~exclude, generator=query_generator
+            )  # [H, W]
+            best = select_pixels(scores, config.pixels, exclude)  # [k, 2]
+            value = 0.0 if config.task_order == "random" else task_value(
+                config.task_order, config.acquisition, moments, scores, exclude
+            )  # fmt: skip
+            queried.append((value, index, best.cpu().numpy()))
+    # most informative first; a NaN value (nothing left to ask) last
+    queried.sort(key=lambda item: (not np.isfinite(item[0]), -item[0] if np.isfinite(item[0]) else 0.0, item[1]))
+    for _, index, pixels in queried[: config.tasks_per_cycle]:
+        pool.reveal_pixels(index, pixels, cycle + 1)
+
+
 def _row(
     cycle: int, pool: LabelPool, config: SimulationConfig, confusion, timings: dict, losses, projector_vectors: int
 ) -> dict:
@@ -377,7 +419,8 @@ def run_simulation(config: SimulationConfig, out: str | Path, *, progress: bool 
         pool.revealed_at = state.revealed_at
     elif not config.supervised:
         generator = torch.Generator().manual_seed(derive_seed(config.seed, 0, COLD_START))
-        cold_start(pool, config.mode, config.pixels if config.mode == "pixel" else config.regions, generator)
+        budget = config.pixels if config.mode == "pixel" else config.regions
+        cold_start(pool, config.mode, budget, generator, tasks=config.tasks_per_cycle)
 
     info = {
         "pool_images": len(pool),

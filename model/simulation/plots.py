@@ -57,7 +57,8 @@ def run_label(config: dict) -> str:
     """The group of a saved run config: ``supervised``, ``<mode> <acquisition>`` (rank) or
     ``<mode> <acquisition> <selection>``, `` contrastive`` for a rank run trained paper 004's way,
     `` decoder`` for pixel queries scored on the decoder's grid, `` head-all`` for contrastive
-    training with the projection head on the whole map, then `` semi`` for semi-supervised training."""
+    training with the projection head on the whole map, `` tasks<K> <order>`` for K tasks per cycle,
+    then `` semi`` for semi-supervised training."""
     config = {**LEGACY_DEFAULTS, **config}  # runs saved before the selection existed were rank
     if config["acquisition"] == SUPERVISED:
         return SUPERVISED
@@ -70,6 +71,8 @@ def run_label(config: dict) -> str:
         label = f"{label} {config['pixel_grid']}"
     if config["head_cells"] == "all" and SimulationConfig.from_dict(config).contrastive:
         label = f"{label} head-all"
+    if config["tasks_per_cycle"] is not None:
+        label = f"{label} tasks{config['tasks_per_cycle']} {config['task_order']}"
     return f"{label} semi" if config["semi"] else label
 
 

@@ -4,6 +4,10 @@ Pixel mode (paper 000, Algorithm 1): the cold start is n uniformly random non-vo
 image (step 3); after each training, the acquisition's top n pixels per image among those
 neither labeled nor void (steps 7-9, ``model.acquisition.acquire_pixels``).
 
+With ``tasks_per_cycle`` (the product's loop, pixel mode) only that many images are labeled
+per cycle, each once: the cold start's are random, later ones the first by ``task_order``
+(``task_value``), as an annotator working down Label Studio's task list sorted by score.
+
 Region mode (paper 004): the cold start is R random superpixels per image; afterwards each
 superpixel scores the sum of the acquisition's pixel score over its pixels (eq. 6; entropy in
 paper 004). Two selections (``SimulationConfig.selection``):
@@ -25,17 +29,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..acquisition import acquire_pixels, score_moments
+from ..acquisition import acquire_pixels, score_moments, select_pixels
+from ..calibration import image_value
 from ..grid import grid_scores
-from ..moments import MCMoments
+from ..moments import MCMoments, entropy
 from ..regions import RegionProjector, acquire_regions
 from ..superpixels import region_sums, top_regions
 from .pool import LabelPool, random_choice
 
+BEST_PIXELS = 5  # task order "best-pixels": the median of this many best pixel scores
 
-def cold_start(pool: LabelPool, mode: str, budget: int, generator: torch.Generator, cycle: int = 1) -> None:
-    """Reveal `budget` random pixels (pixel mode) or superpixels (region mode) per image."""
-    for index in range(len(pool)):
+
+def cold_start(
+    pool: LabelPool, mode: str, budget: int, generator: torch.Generator, cycle: int = 1, tasks: int | None = None
+) -> None:
+    """Reveal `budget` random pixels (pixel mode) or superpixels (region mode) per image; with
+    `tasks`, in that many random images only (the product's loop: the first tasks an annotator
+    opens, before any model ranks them)."""
+    images = (
+        range(len(pool)) if tasks is None else sorted(torch.randperm(len(pool), generator=generator)[:tasks].tolist())
+    )
+    for index in images:
         if mode == "pixel":
             flat = random_choice(~pool.exclude(index), budget, generator)
             coords = np.stack(np.unravel_index(flat, pool.truth[index].shape), axis=1)  # [n, 2]
@@ -109,3 +123,17 @@ def query_clustered_regions(
         projector, embeddings, scores, segments, k, labeled=excluded, seed=seed, grid_size=grid_size
     )
     return [region for region in chosen if candidates[region]]  # all of them; kept as a guard
+
+
+def task_value(order: str, name: str, moments: MCMoments, scores: torch.Tensor, exclude: torch.Tensor) -> float:
+    """How informative one image is under task order `order` (``config.TASK_ORDERS`` but random):
+    `scores` ``[H, W]`` are acquisition `name`'s on `moments` ``[C, H, W]``, `exclude` ``[H, W]``
+    bool the pixels that are labeled or void."""
+    if order == "value":  # the backend's (``model.calibration.image_value``)
+        return image_value(scores, exclude, name)
+    if order == "best-pixels":  # the backend's before 2026-12-07: its 5 best pixels, whatever n is
+        top = select_pixels(scores, BEST_PIXELS, exclude)  # [k, 2]
+        return float(np.median(scores[top[:, 0], top[:, 1]].cpu().numpy())) if len(top) else float("nan")
+    if order == "mean-entropy":
+        return image_value(entropy(moments.mean, dim=0), exclude, "entropy")
+    raise ValueError(f"task order {order!r} has no value.")
